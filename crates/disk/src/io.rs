@@ -1,0 +1,177 @@
+//! The byte layer under every format: an image file read and written at explicit
+//! offsets (`pread`/`pwrite`), so a `&self` reader can be shared by many threads.
+//!
+//! Every read of metadata goes through [`ImageFile::read_exact_at`], which turns a short
+//! read into a `Corrupt` error naming the offset and the file size: image files are
+//! untrusted input and a truncated file is the most common way they are broken.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// An open image file with its path (for messages) and its length at open time.
+#[derive(Debug)]
+pub struct ImageFile {
+    file: File,
+    path: PathBuf,
+    writable: bool,
+}
+
+impl ImageFile {
+    /// Open `path` for reading, or reading and writing.
+    pub fn open(path: &Path, writable: bool) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::io(path, if writable { "open for writing" } else { "open" }, e))?;
+        Ok(ImageFile { file, path: path.to_path_buf(), writable })
+    }
+
+    /// Create `path` (truncating nothing: it must not exist).
+    pub fn create_new(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io(path, "create", e))?;
+        Ok(ImageFile { file, path: path.to_path_buf(), writable: true })
+    }
+
+    /// The path the file was opened by.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the file was opened writable.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Current length of the file in bytes.
+    pub fn len(&self) -> Result<u64> {
+        self.file.metadata().map(|m| m.len()).map_err(|e| Error::io(&self.path, "stat", e))
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Bytes the file occupies on its filesystem (st_blocks * 512).
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map(|m| m.blocks() * 512).map_err(|e| Error::io(&self.path, "stat", e))
+    }
+
+    /// Read exactly `buf.len()` bytes at `offset`; a short read is a `Corrupt` error
+    /// ("truncated") because every caller reads something the image claims exists.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match self.file.read_exact_at(buf, offset) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                let len = self.len().unwrap_or(0);
+                Err(Error::corrupt(
+                    &self.path,
+                    format!(
+                        "truncated: needs {} bytes at offset {offset} but the file is {len} bytes long",
+                        buf.len()
+                    ),
+                ))
+            }
+            Err(e) => Err(Error::io(&self.path, format!("read {} bytes at offset {offset}", buf.len()), e)),
+        }
+    }
+
+    /// Read up to `buf.len()` bytes at `offset`, zero-filling past the end of file.
+    /// For data areas of formats (raw) where a short file means zeros.
+    pub fn read_at_zero_fill(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(&self.path, format!("read at offset {offset}"), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Write all of `buf` at `offset`.
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::io(&self.path, format!("write {} bytes at offset {offset}", buf.len()), e))
+    }
+
+    /// Set the file length.
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        self.file.set_len(len).map_err(|e| Error::io(&self.path, format!("set length to {len}"), e))
+    }
+
+    /// Flush data and metadata to stable storage.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_all().map_err(|e| Error::io(&self.path, "fsync", e))
+    }
+
+    /// Find the next data region at or after `offset` (SEEK_DATA); `None` past the last.
+    pub fn seek_data(&self, offset: u64) -> Result<Option<u64>> {
+        self.lseek(offset, libc_seek::SEEK_DATA)
+    }
+
+    /// Find the next hole at or after `offset` (SEEK_HOLE); the end of file counts as a hole.
+    pub fn seek_hole(&self, offset: u64) -> Result<Option<u64>> {
+        self.lseek(offset, libc_seek::SEEK_HOLE)
+    }
+
+    fn lseek(&self, offset: u64, whence: i32) -> Result<Option<u64>> {
+        let off =
+            i64::try_from(offset).map_err(|_| Error::invalid(Some(&self.path), "offset out of range"))?;
+        match libc_seek::lseek(&self.file, off, whence) {
+            Ok(pos) => Ok(Some(pos)),
+            Err(e) if e.raw_os_error() == Some(libc_seek::ENXIO) => Ok(None),
+            Err(e) => Err(Error::io(&self.path, "seek for data/hole", e)),
+        }
+    }
+}
+
+/// The two lseek whence values std does not expose, declared here rather than pulling
+/// in the libc crate for one function.
+mod libc_seek {
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::AsRawFd;
+
+    pub const SEEK_DATA: i32 = 3;
+    pub const SEEK_HOLE: i32 = 4;
+    pub const ENXIO: i32 = 6;
+
+    extern "C" {
+        #[link_name = "lseek64"]
+        fn c_lseek(fd: i32, offset: i64, whence: i32) -> i64;
+    }
+
+    pub fn lseek(file: &File, offset: i64, whence: i32) -> io::Result<u64> {
+        // SAFETY: lseek only reads its integer arguments; the fd is valid for the
+        // lifetime of `file`, and lseek on an fd has no memory-safety effects.
+        let r = unsafe { c_lseek(file.as_raw_fd(), offset, whence) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    }
+}
