@@ -1,0 +1,144 @@
+//! Helpers shared by the disk integration tests: the qemu-img oracle and the
+//! fixtures made by other tools. Each test binary uses a different subset.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tern_disk::{open_disk, Disk, OpenOptions};
+
+/// Run a command, panic with its stderr if it fails, return stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img ARGS...`
+pub fn qemu_img(args: &[&str]) -> String {
+    run(Command::new("qemu-img").args(args))
+}
+
+/// `qemu-io -f FMT -c CMD... PATH`
+pub fn qemu_io(fmt: &str, path: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", fmt]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    run(c.arg(path));
+}
+
+/// The guest content of `path` as qemu-img sees it (`qemu-img convert -O raw`).
+pub fn qemu_raw(path: &Path, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!("{}.oracle.raw", path.file_name().unwrap().to_string_lossy()));
+    let _ = std::fs::remove_file(&out);
+    qemu_img(&["convert", "-O", "raw", path.to_str().unwrap(), out.to_str().unwrap()]);
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    bytes
+}
+
+/// `qemu-img info --output=json` parsed.
+pub fn qemu_info(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&qemu_img(&["info", "--output=json", path.to_str().unwrap()])).unwrap()
+}
+
+/// `qemu-img map --output=json` as (start, length, data, zero) runs.
+pub fn qemu_map(path: &Path) -> Vec<(u64, u64, bool, bool)> {
+    let v: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["map", "--output=json", path.to_str().unwrap()])).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["data"].as_bool().unwrap(),
+                e["zero"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Every byte of a disk through tern.
+pub fn tern_raw(disk: &dyn Disk) -> Vec<u8> {
+    let mut buf = vec![0u8; disk.virtual_size() as usize];
+    for (i, chunk) in buf.chunks_mut(1 << 20).enumerate() {
+        disk.read_at(chunk, (i as u64) << 20).unwrap();
+    }
+    buf
+}
+
+/// Open read-only, no backing files.
+pub fn open(path: &Path) -> Box<dyn Disk> {
+    open_disk(path, &OpenOptions::read_only()).unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// Assert tern reads `path` byte-identically to qemu-img, naming the first difference.
+pub fn assert_reads_like_qemu(path: &Path, dir: &Path) {
+    let disk = open(path);
+    let ours = tern_raw(disk.as_ref());
+    let theirs = qemu_raw(path, dir);
+    assert_eq!(ours.len(), theirs.len(), "{}: virtual size differs from qemu-img", path.display());
+    if let Some(i) = ours.iter().zip(&theirs).position(|(a, b)| a != b) {
+        panic!("{}: content differs from qemu-img at offset {i}", path.display());
+    }
+}
+
+/// Assert tern's map agrees with qemu-img's on which bytes are data and which read as
+/// zero without data. Compared byte range by byte range, so run boundaries may differ.
+pub fn assert_map_like_qemu(path: &Path) {
+    let disk = open(path);
+    let ours = tern_disk::collect_map(disk.as_ref()).unwrap();
+    let theirs = qemu_map(path);
+    // Walk both lists in step.
+    let (mut i, mut j, mut off) = (0, 0, 0u64);
+    while i < ours.len() && j < theirs.len() {
+        let o = ours[i];
+        let (ts, tl, tdata, _tzero) = theirs[j];
+        assert!(o.start <= off && off < o.end() && ts <= off && off < ts + tl);
+        let ours_data = o.kind == tern_disk::MapKind::Data;
+        assert_eq!(
+            ours_data,
+            tdata,
+            "{}: at offset {off} tern says {:?}, qemu-img says data={tdata}",
+            path.display(),
+            o.kind
+        );
+        let end = o.end().min(ts + tl);
+        off = end;
+        if off == o.end() {
+            i += 1;
+        }
+        if off == ts + tl {
+            j += 1;
+        }
+    }
+    assert_eq!(off, disk.virtual_size(), "{}: maps do not cover the disk", path.display());
+}
+
+/// The folder of disk images made by other tools (shared test fixtures), copied before
+/// anything writable is done with them. `TERN_TESTDATA` overrides where it is looked for.
+/// Returns `None` (and says so) only when `TERN_ALLOW_MISSING_TESTDATA=1`; otherwise a
+/// missing folder fails the test.
+pub fn shared_testdata(subdir: &str) -> Option<PathBuf> {
+    let base = std::env::var_os("TERN_TESTDATA").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata")
+    });
+    let dir = base.join(subdir);
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    if std::env::var("TERN_ALLOW_MISSING_TESTDATA").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: shared test data not found at {}", dir.display());
+        return None;
+    }
+    panic!("shared test data not found at {} (set TERN_TESTDATA)", dir.display());
+}
