@@ -1,0 +1,253 @@
+//! The envelope every stored object travels in.
+//!
+//! Layout, version 1 (integers little-endian; see docs/formats/envelope.md):
+//! ```text
+//! offset size field
+//!  0     8    magic "TERNENV" followed by the version byte 0x01
+//!  8     1    kind: 1 chunk, 2 index, 3 manifest, 4 segment
+//!  9     1    compression: 0 none, 1 zstd
+//! 10     2    reserved, zero
+//! 12     4    plaintext length in bytes
+//! 16    12    AES-256-GCM nonce (random per object)
+//! 28     n    ciphertext of the (compressed) payload
+//! 28+n  16    GCM tag
+//! ```
+//! The 28 header bytes are the GCM associated data, so no header field can be altered
+//! without failing authentication. Compression is skipped when it does not shrink the
+//! payload.
+
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+
+use crate::{ChunkAddress, Error, ErrorKind, Key, Result};
+
+/// Magic and version. NEVER CHANGE the bytes of a released version: a new layout
+/// gets a new version byte and the reader keeps accepting the old one.
+const MAGIC_V1: [u8; 8] = *b"TERNENV\x01";
+const HEADER_LEN: usize = 28;
+const TAG_LEN: usize = 16;
+/// Bytes an envelope adds to its (compressed) payload.
+pub const ENVELOPE_OVERHEAD: usize = HEADER_LEN + TAG_LEN;
+/// Largest plaintext an envelope may declare: bounds the allocation a hostile header
+/// can cause on open.
+const MAX_PLAINTEXT: u32 = 1 << 30;
+
+const COMPRESSION_NONE: u8 = 0;
+const COMPRESSION_ZSTD: u8 = 1;
+
+/// What an envelope holds. Stored in the header and checked on open, so that an index
+/// can never be read as a chunk or the reverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ObjectKind {
+    /// A piece of a disk.
+    Chunk = 1,
+    /// A base index (chunk number -> address).
+    Index = 2,
+    /// A recovery point manifest.
+    Manifest = 3,
+    /// A delta segment.
+    Segment = 4,
+}
+
+impl ObjectKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => ObjectKind::Chunk,
+            2 => ObjectKind::Index,
+            3 => ObjectKind::Manifest,
+            4 => ObjectKind::Segment,
+            _ => return None,
+        })
+    }
+}
+
+fn corrupt(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Corrupt, msg)
+}
+
+/// Compress (zstd at `level`, when it helps) and encrypt `plaintext` into an envelope.
+pub fn seal(key: &Key, kind: ObjectKind, plaintext: &[u8], level: i32) -> Result<Vec<u8>> {
+    let len = u32::try_from(plaintext.len())
+        .ok()
+        .filter(|&l| l <= MAX_PLAINTEXT)
+        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "object larger than 1 GiB"))?;
+    let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() / 2 + TAG_LEN + 64);
+    out.extend_from_slice(&MAGIC_V1);
+    out.push(kind as u8);
+    out.push(COMPRESSION_NONE);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&len.to_le_bytes());
+    let mut nonce = [0u8; 12];
+    getrandom::getrandom(&mut nonce).map_err(|e| Error::new(ErrorKind::Io, format!("no randomness: {e}")))?;
+    out.extend_from_slice(&nonce);
+    debug_assert_eq!(out.len(), HEADER_LEN);
+
+    let compressed = zstd::bulk::compress(plaintext, level)
+        .map_err(|e| Error::new(ErrorKind::InvalidInput, format!("zstd: {e}")))?;
+    if compressed.len() < plaintext.len() {
+        out[9] = COMPRESSION_ZSTD;
+        out.extend_from_slice(&compressed);
+    } else {
+        out.extend_from_slice(plaintext);
+    }
+    let (header, payload) = out.split_at_mut(HEADER_LEN);
+    let cipher = Aes256Gcm::new(key.encryption_key().into());
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::from_slice(&nonce), header, payload)
+        .map_err(|_| Error::new(ErrorKind::InvalidInput, "encryption failed"))?;
+    out.extend_from_slice(&tag);
+    Ok(out)
+}
+
+/// The address of a chunk's plaintext under `key`.
+pub fn chunk_address(key: &Key, plaintext: &[u8]) -> ChunkAddress {
+    ChunkAddress(*blake3::keyed_hash(key.address_key(), plaintext).as_bytes())
+}
+
+/// Address and envelope of one chunk.
+pub fn seal_chunk(key: &Key, plaintext: &[u8], level: i32) -> Result<(ChunkAddress, Vec<u8>)> {
+    Ok((chunk_address(key, plaintext), seal(key, ObjectKind::Chunk, plaintext, level)?))
+}
+
+/// Authenticate, decrypt and decompress an envelope that must hold `kind`.
+pub fn open_envelope(key: &Key, kind: ObjectKind, envelope: &[u8]) -> Result<Vec<u8>> {
+    if envelope.len() < ENVELOPE_OVERHEAD {
+        return Err(corrupt(format!("object is {} bytes, shorter than an envelope header", envelope.len())));
+    }
+    if envelope[..7] != MAGIC_V1[..7] {
+        return Err(corrupt("not a tern object (bad magic)"));
+    }
+    if envelope[7] != MAGIC_V1[7] {
+        return Err(corrupt(format!(
+            "envelope version {} is not supported (this tern reads version 1)",
+            envelope[7]
+        )));
+    }
+    let found = ObjectKind::from_u8(envelope[8]);
+    if found != Some(kind) {
+        return Err(corrupt(format!(
+            "object holds {found:?} (kind byte {}), expected {kind:?}",
+            envelope[8]
+        )));
+    }
+    let compression = envelope[9];
+    if compression > COMPRESSION_ZSTD || envelope[10..12] != [0, 0] {
+        return Err(corrupt("unknown compression or reserved bits set"));
+    }
+    let len = u32::from_le_bytes(envelope[12..16].try_into().expect("4 bytes"));
+    if len > MAX_PLAINTEXT {
+        return Err(corrupt(format!("declared plaintext length {len} is beyond the 1 GiB limit")));
+    }
+    let (header, rest) = envelope.split_at(HEADER_LEN);
+    let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
+    let mut payload = ciphertext.to_vec();
+    let cipher = Aes256Gcm::new(key.encryption_key().into());
+    cipher
+        .decrypt_in_place_detached(
+            Nonce::from_slice(&header[16..28]),
+            header,
+            &mut payload,
+            Tag::from_slice(tag),
+        )
+        .map_err(|_| corrupt("authentication failed: the object was altered or written with another key"))?;
+    let plain = if compression == COMPRESSION_ZSTD {
+        let p = zstd::bulk::decompress(&payload, len as usize)
+            .map_err(|e| corrupt(format!("authenticated payload does not decompress: {e}")))?;
+        p
+    } else {
+        payload
+    };
+    if plain.len() != len as usize {
+        return Err(corrupt(format!("payload is {} bytes, header says {len}", plain.len())));
+    }
+    Ok(plain)
+}
+
+/// Open a chunk envelope and check that its plaintext has address `address`.
+pub fn open_chunk(key: &Key, address: &ChunkAddress, envelope: &[u8]) -> Result<Vec<u8>> {
+    let plain = open_envelope(key, ObjectKind::Chunk, envelope)
+        .map_err(|e| Error::new(e.kind(), format!("chunk {address}: {e}")))?;
+    let actual = chunk_address(key, &plain);
+    if actual != *address {
+        return Err(corrupt(format!(
+            "chunk {address}: content has address {actual}: the object was swapped"
+        )));
+    }
+    Ok(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key() -> Key {
+        Key::from_bytes([42; 32])
+    }
+
+    #[test]
+    fn round_trip_compressible_and_random() {
+        let k = key();
+        let text = b"hello hello hello hello hello hello hello".repeat(100);
+        let (a, env) = seal_chunk(&k, &text, 1).unwrap();
+        assert!(env.len() < text.len());
+        assert_eq!(open_chunk(&k, &a, &env).unwrap(), text);
+        let mut rnd = vec![0u8; 5000];
+        getrandom::getrandom(&mut rnd).unwrap();
+        let (a, env) = seal_chunk(&k, &rnd, 1).unwrap();
+        assert_eq!(env.len(), rnd.len() + ENVELOPE_OVERHEAD);
+        assert_eq!(open_chunk(&k, &a, &env).unwrap(), rnd);
+    }
+
+    #[test]
+    fn every_flipped_bit_is_detected() {
+        let k = key();
+        let (a, env) = seal_chunk(&k, b"some chunk content, some chunk content", 1).unwrap();
+        for i in 0..env.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = env.clone();
+                bad[i] ^= bit;
+                let e = open_chunk(&k, &a, &bad).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::Corrupt, "byte {i}");
+            }
+        }
+        for cut in [0, 10, 27, 43, env.len() - 1] {
+            assert_eq!(open_chunk(&k, &a, &env[..cut]).unwrap_err().kind(), ErrorKind::Corrupt);
+        }
+    }
+
+    #[test]
+    fn wrong_key_wrong_kind_and_swapped_chunk_are_refused() {
+        let k = key();
+        let (a, env) = seal_chunk(&k, b"abc", 1).unwrap();
+        let other = Key::from_bytes([1; 32]);
+        assert!(open_chunk(&other, &a, &env).unwrap_err().to_string().contains("another key"));
+        assert!(open_envelope(&k, ObjectKind::Index, &env)
+            .unwrap_err()
+            .to_string()
+            .contains("expected Index"));
+        let (b, _) = seal_chunk(&k, b"xyz", 1).unwrap();
+        assert!(open_chunk(&k, &b, &env).unwrap_err().to_string().contains("swapped"));
+    }
+
+    #[test]
+    fn addresses_depend_on_the_key() {
+        assert_ne!(chunk_address(&key(), b"x"), chunk_address(&Key::from_bytes([1; 32]), b"x"));
+        assert_ne!(chunk_address(&key(), b"x").0, *blake3::hash(b"x").as_bytes());
+    }
+
+    proptest! {
+        #[test]
+        fn seal_open_round_trips(data in proptest::collection::vec(any::<u8>(), 0..20000), level in 1i32..4) {
+            let k = key();
+            let env = seal(&k, ObjectKind::Segment, &data, level).unwrap();
+            prop_assert_eq!(open_envelope(&k, ObjectKind::Segment, &env).unwrap(), data);
+        }
+
+        #[test]
+        fn open_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = open_envelope(&key(), ObjectKind::Chunk, &data);
+        }
+    }
+}
