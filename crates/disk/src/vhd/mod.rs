@@ -10,7 +10,12 @@
 //!   [`OpenOptions::allow_backing`], and must carry the unique id the child expects.
 //!
 //! The virtual size follows QEMU's rule (see [`footer::Footer::virtual_size`]) so that
-//! tern and `qemu-img convert -O raw` read the same bytes. Writing is in [`writer`].
+//! tern and `qemu-img convert -O raw` read the same bytes. One deliberate difference:
+//! QEMU ignores sector bitmaps and reads every sector of an allocated block from the
+//! file; tern follows the specification and reads sectors whose bit is clear as zero
+//! (or from the parent). The two agree on images QEMU writes (all bits set) and on
+//! images whose bytes under clear bits are zero, which is what Windows and tern write.
+//! Writing is in [`writer`].
 //!
 //! Image metadata is untrusted: the footer and header checksums are verified, every
 //! BAT entry is checked to point inside the file and clear of metadata and other
@@ -358,7 +363,7 @@ impl Disk for VhdDisk {
         let mut details = vec![
             (
                 "creator".to_string(),
-                format!("{} {}", footer::fourcc(&f.creator_app), f.creator_version_string()),
+                format!("{} {}", footer::fourcc(&f.creator_app).trim_end(), f.creator_version_string()),
             ),
             ("creator host os".to_string(), footer::fourcc(&f.creator_os)),
             ("geometry".to_string(), f.geometry.to_string()),
