@@ -15,7 +15,7 @@
 //! file; tern follows the specification and reads sectors whose bit is clear as zero
 //! (or from the parent). The two agree on images QEMU writes (all bits set) and on
 //! images whose bytes under clear bits are zero, which is what Windows and tern write.
-//! Writing is in [`writer`].
+//! Writing is in [`VhdWriter`].
 //!
 //! Image metadata is untrusted: the footer and header checksums are verified, every
 //! BAT entry is checked to point inside the file and clear of metadata and other
