@@ -807,7 +807,11 @@ fn malformed_images_are_refused_clearly() {
     let mut b = good.clone();
     let block0 = u32::from_be_bytes(b[1536..1540].try_into().unwrap());
     set_u32(&mut b, 1536 + 4, block0 + 8); // block 1 inside block 0
-    expect_refused(d, "bat-overlap.vhd", &b, ErrorKind::Corrupt, &["blocks 0 and 1 overlap"]);
+    expect_refused(d, "bat-overlap.vhd", &b, ErrorKind::Corrupt, &["block", "overlap"]);
+
+    let mut b = good.clone();
+    set_u32(&mut b, 1536 + 8, block0 + 8); // block 2 inside block 0
+    expect_refused(d, "bat-alias.vhd", &b, ErrorKind::Corrupt, &["blocks 0 and 2 overlap"]);
 
     let mut b = good.clone();
     set_u32(&mut b, hdr + 28, 2); // 2 entries for 3 blocks

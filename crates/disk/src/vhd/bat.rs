@@ -64,6 +64,11 @@ impl BlockLayout {
     }
 }
 
+/// Most BAT entries accepted: 64 Mi entries is 256 MiB of table in memory, enough for
+/// the largest disk (2040 GiB) with blocks of 32 KiB or more; real images use 512 KiB
+/// or 2 MiB blocks (a 4 MiB table at most).
+pub const MAX_ENTRIES: u32 = 64 << 20;
+
 /// A metadata region blocks must not overlap, named for messages.
 #[derive(Debug, Clone)]
 pub struct Region {
@@ -90,6 +95,12 @@ impl Bat {
         regions: &[Region],
     ) -> Result<Bat> {
         let path = file.path();
+        if count > MAX_ENTRIES {
+            return Err(Error::unsupported(
+                path,
+                format!("VHD block allocation table of {count} entries is larger than the {MAX_ENTRIES} tern accepts"),
+            ));
+        }
         let bytes = u64::from(count) * 4;
         let file_len = file.len()?;
         if offset.checked_add(bytes).is_none_or(|end| end > file_len) {
@@ -106,6 +117,9 @@ impl Bat {
         let entries: Vec<u32> =
             raw.chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes"))).collect();
 
+        // Blocks that do not overlap fit this many times in the data area; more
+        // means an overlap, found without holding them all.
+        let fit = data_end / layout.footprint();
         let mut placed: Vec<(u64, u64)> = Vec::new();
         for (i, &e) in entries.iter().enumerate() {
             if e == UNALLOCATED {
@@ -129,6 +143,14 @@ impl Bat {
                     format!(
                         "VHD BAT entry for block {i} points to file offset {start}: the block [{start}, {end}) overlaps the {} [{}, {})",
                         r.name, r.start, r.end
+                    ),
+                ));
+            }
+            if placed.len() as u64 >= fit {
+                return Err(Error::corrupt(
+                    path,
+                    format!(
+                        "VHD BAT entry for block {i}: more blocks are allocated than fit in the file, so some overlap"
                     ),
                 ));
             }
