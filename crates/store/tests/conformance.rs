@@ -11,15 +11,14 @@
 mod support;
 
 use std::future::Future;
-use std::net::TcpListener;
-use std::process::Command;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tern_chunk::{ChunkAddress, Key};
+use tern_chunk::Key;
 use tern_store::{ErrorKind, Store, StoreConfig, StoreStats};
 
-use support::emulator::{self, Skipped};
+use support::emulator;
+use support::{address, azurite_env, payload, runtime, s3_env, skipped};
 
 /// A backend under test: a base URL that cases add their prefix to, and the
 /// environment the store reads credentials and endpoints from.
@@ -39,14 +38,6 @@ impl Backend {
         Store::open_with_env(&url, self.env.clone())
             .unwrap_or_else(|e| panic!("{}: opening {url}: {e}", self.name))
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
-}
-
-fn skipped(test: &str, skip: Skipped) {
-    println!("SKIPPED {test}: {} (TERN_SKIP_EMULATORS=1)", skip.0);
 }
 
 // ---------------------------------------------------------------- the backends
@@ -90,25 +81,6 @@ fn conformance_s3_moto() {
     drop(moto);
 }
 
-/// Azurite through the explicit endpoint (the way any Azure-compatible endpoint is
-/// configured); `emulator_flag_reaches_azurite` covers AZURE_STORAGE_USE_EMULATOR.
-fn azurite_env(port: u16) -> Vec<(String, String)> {
-    vec![
-        ("AZURE_STORAGE_ACCOUNT_NAME".into(), support::azure::ACCOUNT.into()),
-        ("AZURE_STORAGE_ACCOUNT_KEY".into(), support::azure::KEY.into()),
-        ("AZURE_STORAGE_ENDPOINT".into(), format!("http://127.0.0.1:{port}/{}", support::azure::ACCOUNT)),
-    ]
-}
-
-fn s3_env(port: u16) -> Vec<(String, String)> {
-    vec![
-        ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
-        ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
-        ("AWS_REGION".into(), "us-east-1".into()),
-        ("AWS_ENDPOINT_URL".into(), format!("http://127.0.0.1:{port}")),
-    ]
-}
-
 // ---------------------------------------------------------------- the suite
 
 async fn suite(b: &Backend) {
@@ -134,17 +106,6 @@ async fn case(b: &Backend, name: &str, run: impl Future<Output = ()>) {
     // Printed before the case so that a panic's output says which case it was.
     println!("{}: {name}", b.name);
     run.await;
-}
-
-fn address(n: u8) -> ChunkAddress {
-    let mut bytes = [0u8; 32];
-    bytes[0] = n;
-    bytes[31] = n.wrapping_mul(37);
-    ChunkAddress(bytes)
-}
-
-fn payload(n: u8, len: usize) -> Bytes {
-    Bytes::from((0..len).map(|i| (i as u8).wrapping_add(n)).collect::<Vec<u8>>())
 }
 
 async fn chunk_round_trip(b: &Backend) {
@@ -424,35 +385,7 @@ async fn create_only_fallback(b: &Backend) {
     assert_eq!(store.init_config(&StoreConfig::new("cd", 1)).await.unwrap(), config);
 }
 
-// ---------------------------------------------------------------- failures
-
-/// A loopback port with nothing listening: connections are refused at once.
-fn closed_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
-    listener.local_addr().expect("local address").port()
-}
-
-async fn expect_transient(store: &Store) {
-    let start = Instant::now();
-    let e = store.chunk_exists(&address(1)).await.unwrap_err();
-    println!("{}: failed after {:?}: {e}", store.url(), start.elapsed());
-    assert_eq!(e.kind(), ErrorKind::Transient, "{e}");
-    assert!(e.to_string().starts_with(&format!("store {}: chunk ", store.url())), "{e}");
-    let e = store.put_chunk(&address(1), payload(1, 10)).await.unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Transient, "{e}");
-}
-
-#[test]
-fn unreachable_s3_endpoint_is_transient() {
-    let store = Store::open_with_env("s3://tern/x", s3_env(closed_port())).unwrap();
-    runtime().block_on(expect_transient(&store));
-}
-
-#[test]
-fn unreachable_azure_endpoint_is_transient() {
-    let store = Store::open_with_env("az://tern/x", azurite_env(closed_port())).unwrap();
-    runtime().block_on(expect_transient(&store));
-}
+// ---------------------------------------------------------------- opening
 
 #[test]
 fn emulator_flag_reaches_azurite() {
@@ -469,71 +402,5 @@ fn emulator_flag_reaches_azurite() {
     runtime().block_on(async {
         store.put_chunk(&address(1), payload(1, 10)).await.unwrap();
         assert_eq!(store.get_chunk(&address(1)).await.unwrap(), payload(1, 10));
-    });
-}
-
-#[test]
-fn wrong_credentials_are_auth() {
-    let azurite = match emulator::azurite() {
-        Ok(azurite) => azurite,
-        Err(skip) => return skipped("wrong_credentials_are_auth", skip),
-    };
-    support::azure::create_container(azurite.port, "auth");
-    let mut env = azurite_env(azurite.port);
-    env[1].1 =
-        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==".into();
-    let store = Store::open_with_env("az://auth/p", env).unwrap();
-    runtime().block_on(async {
-        let e = store.get_chunk(&address(1)).await.unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Auth, "{e}");
-    });
-}
-
-/// Unmounts the tmpfs when the test ends, also on panic.
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
-#[test]
-fn full_local_store_is_full() {
-    let dir = tempfile::tempdir().expect("temporary folder");
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tern-store-test"])
-        .arg(dir.path())
-        .output();
-    match mounted {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => {
-            let why = String::from_utf8_lossy(&out.stderr);
-            println!("SKIPPED full_local_store_is_full: cannot mount a 2 MiB tmpfs: {}", why.trim());
-            return;
-        }
-        Err(e) => {
-            println!("SKIPPED full_local_store_is_full: cannot run mount: {e}");
-            return;
-        }
-    }
-    let _mount = Mount(dir.path().to_path_buf());
-    let url = format!("file://{}", dir.path().join("store").display());
-    let store = Store::open(&url).unwrap();
-    runtime().block_on(async {
-        // 2 MiB hold at most four 512 KiB objects; sixteen cannot fit.
-        for n in 0..16u8 {
-            match store.put_chunk(&address(n), payload(n, 512 << 10)).await {
-                Ok(()) => continue,
-                Err(e) => {
-                    println!("store full after {n} chunks: {e}");
-                    assert_eq!(e.kind(), ErrorKind::Full, "{e}");
-                    assert!(e.to_string().contains("no space"), "{e}");
-                    assert!(e.to_string().starts_with(&format!("store {url}: chunk ")), "{e}");
-                    return;
-                }
-            }
-        }
-        panic!("a 2 MiB tmpfs took 8 MiB of chunks");
     });
 }
