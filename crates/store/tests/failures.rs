@@ -208,3 +208,15 @@ fn full_local_store_is_full() {
         panic!("a 2 MiB tmpfs took 8 MiB of chunks");
     });
 }
+
+#[test]
+fn local_store_that_cannot_be_created_names_the_folder() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"not a folder").unwrap();
+    let url = format!("file://{}/store", file.display());
+    let e = Store::open(&url).unwrap_err();
+    println!("{e}");
+    let expected = format!("store {url}: creating {}/store: ", file.display());
+    assert!(e.to_string().starts_with(&expected), "{e}");
+}
