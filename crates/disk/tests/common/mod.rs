@@ -10,12 +10,7 @@ use tern_disk::{open_disk, Disk, OpenOptions};
 /// Run a command, panic with its stderr if it fails, return stdout.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -129,9 +124,9 @@ pub fn assert_map_like_qemu(path: &Path) {
 /// Returns `None` (and says so) only when `TERN_ALLOW_MISSING_TESTDATA=1`; otherwise a
 /// missing folder fails the test.
 pub fn shared_testdata(subdir: &str) -> Option<PathBuf> {
-    let base = std::env::var_os("TERN_TESTDATA").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata")
-    });
+    let base = std::env::var_os("TERN_TESTDATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata"));
     let dir = base.join(subdir);
     if dir.is_dir() {
         return Some(dir);
