@@ -68,7 +68,8 @@ impl Qcow2Writer {
                 format!("virtual size {size} is too large for {cluster_size}-byte qcow2 clusters (the L1 table would exceed 32 MiB)"),
             ));
         }
-        let l1_clusters = (l1_entries * 8).div_ceil(cluster_size).max(1);
+        // An empty L1 table takes no cluster (qemu-img check would call it leaked).
+        let l1_clusters = (l1_entries * 8).div_ceil(cluster_size);
         let file = ImageFile::create_new(path)?;
         let capacity = ((TABLE_CACHE_BYTES / cluster_size) as usize).clamp(4, 4096);
         let writer = Qcow2Writer {
