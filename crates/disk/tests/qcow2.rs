@@ -779,3 +779,22 @@ fn writer_empty_and_zero_sized_images_pass_qemu_check() {
         }
     }
 }
+
+/// Regression (found by the conformance suite): one write spanning data, an all-zero
+/// cluster, then data. The zero cluster is skipped without allocating, so the next new
+/// cluster is adjacent on the host but not in the buffer; the writer used to merge the
+/// two pieces into one pwrite and shift the second piece back by a cluster.
+#[test]
+fn write_with_a_zero_cluster_in_the_middle_keeps_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = 4096u64;
+    let mut buf = vec![0u8; 3 * cluster as usize];
+    buf[..cluster as usize].fill(0x11);
+    buf[2 * cluster as usize + 100..].fill(0x22);
+    let writes = vec![(0, buf)];
+    let img = dir.path().join("gap.qcow2");
+    write_qcow2(&img, MIB, cluster, &writes);
+    let mut reference = vec![0u8; MIB as usize];
+    apply(&mut reference, &writes);
+    assert_qemu_accepts(&img, &reference, MIB, cluster, dir.path());
+}

@@ -207,8 +207,9 @@ impl crate::DiskWriter for Qcow2Writer {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         check_range(self.file.path(), offset, buf.len(), self.size)?;
         let cluster = self.geometry.cluster_size();
-        // Pieces landing in consecutive host bytes are written with one pwrite:
-        // (host offset, start in buf, length).
+        // Pieces consecutive both in `buf` and on the host are written with one pwrite:
+        // (host offset, start in buf, length). Both must hold: a skipped all-zero piece
+        // leaves a gap in `buf` while the next new cluster is still host-adjacent.
         let mut pending: Option<(u64, usize, usize)> = None;
         let mut done = 0usize;
         while done < buf.len() {
@@ -219,7 +220,7 @@ impl crate::DiskWriter for Qcow2Writer {
             if let Some(host) = self.cluster_for_write(pos, || is_zero(piece))? {
                 let at = host + in_cluster;
                 match &mut pending {
-                    Some((h, _, len)) if *h + *len as u64 == at => *len += n,
+                    Some((h, s, len)) if *h + *len as u64 == at && *s + *len == done => *len += n,
                     _ => {
                         if let Some((h, s, len)) = pending.take() {
                             self.file.write_all_at(&buf[s..s + len], h)?;
