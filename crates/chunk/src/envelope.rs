@@ -16,8 +16,8 @@
 //! without failing authentication. Compression is skipped when it does not shrink the
 //! payload.
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::{ChunkAddress, Error, ErrorKind, Key, Result};
 
@@ -72,32 +72,52 @@ pub fn seal(key: &Key, kind: ObjectKind, plaintext: &[u8], level: i32) -> Result
         .ok()
         .filter(|&l| l <= MAX_PLAINTEXT)
         .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "object larger than 1 GiB"))?;
-    let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() / 2 + TAG_LEN + 64);
-    out.extend_from_slice(&MAGIC_V1);
-    out.push(kind as u8);
-    out.push(COMPRESSION_NONE);
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&len.to_le_bytes());
+    // One allocation per envelope, sized for the incompressible case: zstd writes
+    // straight into it, and a payload that does not shrink is copied in instead.
+    let mut out = vec![0u8; HEADER_LEN + plaintext.len() + TAG_LEN];
+    out[..8].copy_from_slice(&MAGIC_V1);
+    out[8] = kind as u8;
+    out[9] = COMPRESSION_NONE;
+    out[12..16].copy_from_slice(&len.to_le_bytes());
     let mut nonce = [0u8; 12];
-    getrandom::getrandom(&mut nonce).map_err(|e| Error::new(ErrorKind::Io, format!("no randomness: {e}")))?;
-    out.extend_from_slice(&nonce);
-    debug_assert_eq!(out.len(), HEADER_LEN);
+    SystemRandom::new()
+        .fill(&mut nonce)
+        .map_err(|_| Error::new(ErrorKind::Io, "no randomness for a nonce"))?;
+    out[16..28].copy_from_slice(&nonce);
 
-    let compressed = zstd::bulk::compress(plaintext, level)
-        .map_err(|e| Error::new(ErrorKind::InvalidInput, format!("zstd: {e}")))?;
-    if compressed.len() < plaintext.len() {
-        out[9] = COMPRESSION_ZSTD;
-        out.extend_from_slice(&compressed);
-    } else {
-        out.extend_from_slice(plaintext);
-    }
+    let body = &mut out[HEADER_LEN..HEADER_LEN + plaintext.len()];
+    let compressed = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        c.set_compression_level(level).ok()?;
+        c.compress_to_buffer(plaintext, body).ok()
+    });
+    let payload_len = match compressed {
+        Some(n) if n < plaintext.len() => {
+            out[9] = COMPRESSION_ZSTD;
+            n
+        }
+        _ => {
+            out[HEADER_LEN..HEADER_LEN + plaintext.len()].copy_from_slice(plaintext);
+            plaintext.len()
+        }
+    };
+    out.truncate(HEADER_LEN + payload_len);
     let (header, payload) = out.split_at_mut(HEADER_LEN);
-    let cipher = Aes256Gcm::new(key.encryption_key().into());
-    let tag = cipher
-        .encrypt_in_place_detached(Nonce::from_slice(&nonce), header, payload)
+    let tag = cipher(key)
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&*header), payload)
         .map_err(|_| Error::new(ErrorKind::InvalidInput, "encryption failed"))?;
-    out.extend_from_slice(&tag);
+    out.extend_from_slice(tag.as_ref());
     Ok(out)
+}
+
+thread_local! {
+    /// A zstd context per thread: creating one costs more than compressing a small chunk.
+    static COMPRESSOR: std::cell::RefCell<zstd::bulk::Compressor<'static>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(1).expect("zstd context"));
+}
+
+fn cipher(key: &Key) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.encryption_key()).expect("32-byte AES-256 key"))
 }
 
 /// The address of a chunk's plaintext under `key`.
@@ -140,21 +160,16 @@ pub fn open_envelope(key: &Key, kind: ObjectKind, envelope: &[u8]) -> Result<Vec
         return Err(corrupt(format!("declared plaintext length {len} is beyond the 1 GiB limit")));
     }
     let (header, rest) = envelope.split_at(HEADER_LEN);
-    let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
-    let mut payload = ciphertext.to_vec();
-    let cipher = Aes256Gcm::new(key.encryption_key().into());
-    cipher
-        .decrypt_in_place_detached(
-            Nonce::from_slice(&header[16..28]),
-            header,
-            &mut payload,
-            Tag::from_slice(tag),
-        )
-        .map_err(|_| corrupt("authentication failed: the object was altered or written with another key"))?;
+    let mut payload = rest.to_vec();
+    let nonce = Nonce::assume_unique_for_key(header[16..28].try_into().expect("12 bytes"));
+    let plain_len = cipher(key)
+        .open_in_place(nonce, Aad::from(header), &mut payload)
+        .map_err(|_| corrupt("authentication failed: the object was altered or written with another key"))?
+        .len();
+    payload.truncate(plain_len);
     let plain = if compression == COMPRESSION_ZSTD {
-        let p = zstd::bulk::decompress(&payload, len as usize)
-            .map_err(|e| corrupt(format!("authenticated payload does not decompress: {e}")))?;
-        p
+        zstd::bulk::decompress(&payload, len as usize)
+            .map_err(|e| corrupt(format!("authenticated payload does not decompress: {e}")))?
     } else {
         payload
     };
@@ -194,7 +209,7 @@ mod tests {
         assert!(env.len() < text.len());
         assert_eq!(open_chunk(&k, &a, &env).unwrap(), text);
         let mut rnd = vec![0u8; 5000];
-        getrandom::getrandom(&mut rnd).unwrap();
+        SystemRandom::new().fill(&mut rnd).unwrap();
         let (a, env) = seal_chunk(&k, &rnd, 1).unwrap();
         assert_eq!(env.len(), rnd.len() + ENVELOPE_OVERHEAD);
         assert_eq!(open_chunk(&k, &a, &env).unwrap(), rnd);

@@ -73,8 +73,10 @@ impl Key {
     /// A fresh random key.
     pub fn generate() -> Result<Self> {
         let mut master = [0u8; 32];
-        getrandom::getrandom(&mut master)
-            .map_err(|e| Error::new(ErrorKind::Io, format!("no randomness for a new key: {e}")))?;
+        use ring::rand::{SecureRandom, SystemRandom};
+        SystemRandom::new()
+            .fill(&mut master)
+            .map_err(|_| Error::new(ErrorKind::Io, "no randomness for a new key"))?;
         Ok(Self::from_bytes(master))
     }
 

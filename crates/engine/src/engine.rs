@@ -149,12 +149,14 @@ impl Engine {
                 };
                 store.init_config(&new).await.map_err(|e| Error::from(e).context(format!("store {url}")))?
             }
-            None => return Err(Error::new(
-                ErrorKind::NotFound,
-                format!(
+            None => {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!(
                     "store {url} has no config.json: nothing was ever replicated there (is the URL right?)"
                 ),
-            )),
+                ))
+            }
         };
         if cfg.format != "tern-store" || cfg.version != 1 {
             return Err(Error::corrupt(format!(

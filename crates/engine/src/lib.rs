@@ -57,6 +57,14 @@ pub const DEFAULT_THREADS: usize = 4;
 /// Most workers per disk.
 pub const MAX_THREADS: usize = 32;
 
+/// Fill `buf` from the operating system's secure random source.
+pub(crate) fn random_bytes(buf: &mut [u8]) -> Result<()> {
+    use ring::rand::{SecureRandom, SystemRandom};
+    SystemRandom::new()
+        .fill(buf)
+        .map_err(|_| Error::new(ErrorKind::Io, "the system has no randomness to offer"))
+}
+
 /// The current instant as RFC 3339 UTC.
 pub(crate) fn now_rfc3339() -> String {
     rfc3339(time::OffsetDateTime::now_utc())

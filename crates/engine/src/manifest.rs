@@ -73,7 +73,7 @@ pub fn new_point_id(instant: time::OffsetDateTime) -> Result<String> {
         .format(&fmt)
         .map_err(|e| Error::invalid(format!("formatting a point id: {e}")))?;
     let mut r = [0u8; 4];
-    getrandom::getrandom(&mut r).map_err(|e| Error::invalid(format!("no randomness for a point id: {e}")))?;
+    crate::random_bytes(&mut r)?;
     Ok(format!("{ts}-{}", hex::encode(r)))
 }
 

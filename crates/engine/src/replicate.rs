@@ -189,57 +189,55 @@ pub fn replicate(
         reports.push(report);
     }
 
-    // Indexes, then the manifest: the commit point.
-    let mut mdisks = Vec::new();
-    for (d, index) in disks.iter().zip(&indexes) {
-        let env = seal(&key, ObjectKind::Index, &index.encode(), 3)?;
-        rt.block_on(store.put_index(&vm.id, &repl.point_id, d.disk, Bytes::from(env)))
-            .map_err(|e| Error::from(e).context(format!("storing the index of disk {}", d.disk)))?;
-        mdisks.push(ManifestDisk {
-            index: d.disk,
-            source_name: d
-                .source_path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| format!("disk{}", d.disk)),
-            source_format: d.source_format.clone(),
-            virtual_size: d.virtual_size,
-            chunk_size: repl.chunk_size,
-            chunk_count: index.len() as u64,
-            data_chunks: index.entries().iter().filter(|e| matches!(e, IndexEntry::Chunk(_))).count() as u64,
-            index_digest: index_digest(&key, index),
-        });
-    }
-    let manifest = Manifest {
-        format: MANIFEST_FORMAT.into(),
-        version: MANIFEST_VERSION,
-        point_id: repl.point_id.clone(),
-        instant: repl.instant.clone(),
-        vm: ManifestVm {
-            id: vm.id.clone(),
-            name: vm.name.clone(),
-            cpus: vm.cpus,
-            memory_bytes: vm.memory_bytes,
-            firmware: vm.firmware,
-        },
-        disks: mdisks,
-    };
-    // A run that crashed after writing the manifest finds it there: the point exists.
-    let existing = match rt.block_on(store.get_manifest(&vm.id, &repl.point_id)) {
-        Ok(b) => Some(b),
-        Err(e) if e.kind() == tern_store::ErrorKind::NotFound => None,
-        Err(e) => return Err(Error::from(e).context("reading back the manifest")),
-    };
-    let manifest = match existing {
-        Some(b) => {
-            Manifest::open(&key, &b).map_err(|e| e.context(format!("manifest of point {}", repl.point_id)))?
+    // A run that crashed after writing the manifest finds it there: the point exists
+    // and its indexes may not be rewritten.
+    let committed = rt
+        .block_on(store.manifest_exists(&vm.id, &repl.point_id))
+        .map_err(|e| Error::from(e).context("checking for the manifest"))?;
+    let manifest = if committed {
+        let env = rt.block_on(store.get_manifest(&vm.id, &repl.point_id))?;
+        Manifest::open(&key, &env).map_err(|e| e.context(format!("manifest of point {}", repl.point_id)))?
+    } else {
+        // Indexes, then the manifest: the commit point.
+        let mut mdisks = Vec::new();
+        for (d, index) in disks.iter().zip(&indexes) {
+            let env = seal(&key, ObjectKind::Index, &index.encode(), 3)?;
+            rt.block_on(store.put_index(&vm.id, &repl.point_id, d.disk, Bytes::from(env)))
+                .map_err(|e| Error::from(e).context(format!("storing the index of disk {}", d.disk)))?;
+            mdisks.push(ManifestDisk {
+                index: d.disk,
+                source_name: d
+                    .source_path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| format!("disk{}", d.disk)),
+                source_format: d.source_format.clone(),
+                virtual_size: d.virtual_size,
+                chunk_size: repl.chunk_size,
+                chunk_count: index.len() as u64,
+                data_chunks: index.entries().iter().filter(|e| matches!(e, IndexEntry::Chunk(_))).count()
+                    as u64,
+                index_digest: index_digest(&key, index),
+            });
         }
-        None => {
-            let env = manifest.seal(&key)?;
-            rt.block_on(store.put_manifest(&vm.id, &repl.point_id, Bytes::from(env)))
-                .map_err(|e| Error::from(e).context("storing the manifest"))?;
-            manifest
-        }
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT.into(),
+            version: MANIFEST_VERSION,
+            point_id: repl.point_id.clone(),
+            instant: repl.instant.clone(),
+            vm: ManifestVm {
+                id: vm.id.clone(),
+                name: vm.name.clone(),
+                cpus: vm.cpus,
+                memory_bytes: vm.memory_bytes,
+                firmware: vm.firmware,
+            },
+            disks: mdisks,
+        };
+        let env = manifest.seal(&key)?;
+        rt.block_on(store.put_manifest(&vm.id, &repl.point_id, Bytes::from(env)))
+            .map_err(|e| Error::from(e).context("storing the manifest"))?;
+        manifest
     };
     let json =
         serde_json::to_string(&manifest).map_err(|e| Error::invalid(format!("encoding manifest: {e}")))?;

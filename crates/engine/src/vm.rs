@@ -63,7 +63,7 @@ pub const MAX_DISKS: usize = 65;
 /// A new random VM id (128 bits, hex).
 pub fn new_vm_id() -> Result<String> {
     let mut b = [0u8; 16];
-    getrandom::getrandom(&mut b).map_err(|e| Error::invalid(format!("no randomness for a VM id: {e}")))?;
+    crate::random_bytes(&mut b)?;
     Ok(hex::encode(b))
 }
 

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): `tern disk convert` vs `qemu-img convert` on the same input,
+# in the same run. Input: an 8 GiB qcow2, half of it random data in scattered 1 MiB
+# extents, the rest never written. Outputs: raw and fixed VHD. Both tools read from the
+# page cache (one warm-up run each); each measurement is the best of RUNS runs.
+#
+#   bench/convert.sh            # 8 GiB, 3 runs
+#   SIZE_GIB=2 RUNS=1 bench/convert.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE_GIB=${SIZE_GIB:-8}
+RUNS=${RUNS:-3}
+work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/tern-bench.XXXXXX")}
+trap 'rm -rf "$work"' EXIT
+cargo build --release --quiet -p tern-cli
+tern=$PWD/target/release/tern
+
+echo "bench: making a ${SIZE_GIB} GiB qcow2, half random data in 1 MiB extents" >&2
+python3 - "$work/src.raw" "$SIZE_GIB" <<'PY'
+import os, random, sys
+path, gib = sys.argv[1], int(sys.argv[2])
+extents = gib * 1024
+rng = random.Random(2026)
+chosen = sorted(rng.sample(range(extents), extents // 2))
+with open(path, "wb") as f:
+    f.truncate(gib << 30)
+    for e in chosen:
+        f.seek(e << 20)
+        f.write(os.urandom(1 << 20))
+PY
+qemu-img convert -O qcow2 "$work/src.raw" "$work/src.qcow2"
+rm -f "$work/src.raw"
+
+best() { # best wall-clock seconds of RUNS runs of "$@", output removed between runs
+  local out=$1; shift
+  local best=""
+  for _ in $(seq "$RUNS"); do
+    rm -f "$out"
+    local t0 t1
+    t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N)
+    local t; t=$(echo "$t1 - $t0" | bc -l)
+    if [ -z "$best" ] || (( $(echo "$t < $best" | bc -l) )); then best=$t; fi
+  done
+  rm -f "$out"
+  printf '%.3f' "$best"
+}
+
+cat "$work/src.qcow2" >/dev/null # warm the page cache
+printf '%-24s %10s %10s %8s\n' "conversion" "tern (s)" "qemu (s)" "ratio"
+row() {
+  local name=$1 tern_args=$2 qemu_args=$3 ext=$4
+  # shellcheck disable=SC2086
+  local t q
+  t=$(best "$work/out.$ext" "$tern" disk convert --no-progress "$work/src.qcow2" "$work/out.$ext" $tern_args)
+  # shellcheck disable=SC2086
+  q=$(best "$work/out.$ext" qemu-img convert $qemu_args "$work/src.qcow2" "$work/out.$ext")
+  printf '%-24s %10s %10s %8.2f\n' "$name" "$t" "$q" "$(echo "$t / $q" | bc -l)"
+}
+row "qcow2 -> raw" "-O raw" "-O raw" raw
+row "qcow2 -> fixed VHD" "-O vhd-fixed" "-O vpc -o subformat=fixed" vhd

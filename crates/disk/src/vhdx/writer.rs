@@ -1,0 +1,278 @@
+//! Writing new VHDX images: dynamic, and differencing on a VHDX parent.
+//!
+//! Layout of what this writer produces (every piece 1 MiB aligned):
+//!
+//! ```text
+//! 0      header section (identifier, 2 headers, 2 region tables)
+//! 1 MiB  log, 1 MiB, empty (LogGuid zero)
+//! 2 MiB  metadata region, 1 MiB
+//! 3 MiB  BAT region, the table rounded up to whole MiB
+//! ...    payload blocks (and sector bitmap blocks) in the order first written
+//! ```
+//!
+//! Blocks are allocated at the end of the file on first write and the file is sparse,
+//! so the unwritten rest of a new block reads as zeros without being written; writes
+//! of zeros to blocks never allocated are skipped. The BAT (8 bytes per block) stays
+//! in memory, block data never does. The headers are written last, after everything
+//! else is flushed: an image whose writer was not finished has no valid header and is
+//! refused by every reader.
+//!
+//! A differencing image records which sectors it holds in sector bitmap blocks (read
+//! and updated in the file, not kept in memory); at finish, blocks with every sector
+//! written are marked FULLY_PRESENT and the others PARTIALLY_PRESENT.
+
+use std::path::Path;
+
+use super::bat::{
+    entry, Geometry, PAYLOAD_FULLY_PRESENT, PAYLOAD_NOT_PRESENT, PAYLOAD_PARTIALLY_PRESENT, SB_PRESENT,
+    SECTOR_BITMAP_BLOCK,
+};
+use super::guid::Guid;
+use super::header::{identifier_bytes, Header, HEADER_OFFSETS};
+use super::metadata::{region_bytes, Metadata, ParentLocator, MAX_VIRTUAL_SIZE};
+use super::region_table::{table_bytes, Region, Regions, REGION_TABLE_OFFSETS};
+use super::{VhdxDisk, MIB};
+use crate::convert::is_zero;
+use crate::io::ImageFile;
+use crate::{check_range, Disk, Error, OpenOptions, Result};
+
+const LOGICAL_SECTOR: u64 = 512;
+const PHYSICAL_SECTOR: u32 = 4096;
+const LOG: Region = Region { offset: MIB, length: MIB };
+const METADATA: Region = Region { offset: 2 * MIB, length: MIB };
+const BAT_OFFSET: u64 = 3 * MIB;
+
+/// What makes a new image a differencing child: its size (the parent's) and the
+/// parent locator, which must hold `parent_linkage` (the parent's `DataWriteGuid`).
+#[derive(Debug, Clone)]
+pub struct DifferencingOptions {
+    /// Guest size; the parent's.
+    pub virtual_size: u64,
+    /// Key/value pairs stored in the parent locator.
+    pub locator: ParentLocator,
+}
+
+impl DifferencingOptions {
+    /// Options for a child at `child` of the VHDX at `parent`: `parent_linkage` from
+    /// the parent's header, `relative_path` when the parent sits in the child's folder
+    /// (Windows style, `.\name`), and the absolute path under `absolute_win32_path`.
+    pub fn for_parent(child: &Path, parent: &Path) -> Result<DifferencingOptions> {
+        let file = ImageFile::open(parent, false)?;
+        let disk = VhdxDisk::open(file, &OpenOptions::read_only(), &mut Vec::new())?;
+        if disk.md.logical_sector_size != LOGICAL_SECTOR as u32 {
+            return Err(Error::unsupported(
+                parent,
+                "tern writes differencing images only on 512-byte-sector parents",
+            ));
+        }
+        let abs = parent.canonicalize().map_err(|e| Error::io(parent, "resolve path", e))?;
+        let mut entries = vec![("parent_linkage".to_string(), disk.data_write_guid().to_string())];
+        let child_dir = child.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let same_dir = child_dir.canonicalize().ok().as_deref() == abs.parent();
+        if let (true, Some(name)) = (same_dir, abs.file_name().and_then(|n| n.to_str())) {
+            entries.push(("relative_path".to_string(), format!(".\\{name}")));
+        }
+        if let Some(a) = abs.to_str() {
+            entries.push(("absolute_win32_path".to_string(), a.to_string()));
+        }
+        Ok(DifferencingOptions { virtual_size: disk.virtual_size(), locator: ParentLocator { entries } })
+    }
+}
+
+/// Writes a new VHDX image.
+pub struct VhdxWriter {
+    file: ImageFile,
+    geometry: Geometry,
+    bat: Vec<u64>,
+    next_free: u64,
+    locator: Option<ParentLocator>,
+}
+
+impl VhdxWriter {
+    /// Create a dynamic VHDX of `size` bytes (rounded up to whole 512-byte sectors, as
+    /// qemu-img does) with `block_size` blocks (a power of two, 1 MiB ..= 256 MiB).
+    pub fn create(path: &Path, size: u64, block_size: u64) -> Result<Self> {
+        Self::create_inner(path, size, block_size, None)
+    }
+
+    /// Create a differencing VHDX whose unwritten sectors read from the parent named in
+    /// `options`. Writes must be whole 512-byte sectors.
+    pub fn create_differencing(path: &Path, block_size: u64, options: &DifferencingOptions) -> Result<Self> {
+        let linkage = options.locator.get("parent_linkage");
+        if linkage.and_then(Guid::parse).is_none() {
+            return Err(Error::invalid(Some(path), "the parent locator needs a parent_linkage GUID"));
+        }
+        Self::create_inner(path, options.virtual_size, block_size, Some(options.locator.clone()))
+    }
+
+    fn create_inner(path: &Path, size: u64, block_size: u64, locator: Option<ParentLocator>) -> Result<Self> {
+        if !block_size.is_power_of_two() || !(MIB..=256 * MIB).contains(&block_size) {
+            return Err(Error::invalid(
+                Some(path),
+                format!("VHDX block size {block_size} is not a power of two from 1 MiB to 256 MiB"),
+            ));
+        }
+        let size = size.div_ceil(LOGICAL_SECTOR).saturating_mul(LOGICAL_SECTOR);
+        if size == 0 || size > MAX_VIRTUAL_SIZE {
+            return Err(Error::invalid(
+                Some(path),
+                format!("VHDX virtual size {size} is not between 1 byte and 64 TiB"),
+            ));
+        }
+        let geometry = Geometry::new(block_size, LOGICAL_SECTOR, size, locator.is_some());
+        let bat_len = geometry.table_bytes().div_ceil(MIB) * MIB;
+        let entries = usize::try_from(geometry.total_entries)
+            .map_err(|_| Error::invalid(Some(path), "BAT too large for this machine"))?;
+        let file = ImageFile::create_new(path)?;
+        file.write_all_at(&identifier_bytes(&format!("tern {}", env!("CARGO_PKG_VERSION"))), 0)?;
+        Ok(VhdxWriter { file, geometry, bat: vec![0; entries], next_free: BAT_OFFSET + bat_len, locator })
+    }
+
+    fn allocate(&mut self, len: u64) -> Result<u64> {
+        let off = self.next_free;
+        self.next_free =
+            off.checked_add(len).ok_or_else(|| Error::invalid(Some(self.file.path()), "file too large"))?;
+        Ok(off)
+    }
+
+    /// Mark guest sectors `[offset, offset + len)` (inside one block) as written in the
+    /// sector bitmap of their chunk.
+    fn mark_sectors(&mut self, block: u64, offset: u64, len: u64) -> Result<()> {
+        let g = self.geometry;
+        let sb_index = g.bitmap_index(block / g.chunk_ratio) as usize;
+        if self.bat[sb_index] & 7 != u64::from(SB_PRESENT) {
+            let off = self.allocate(SECTOR_BITMAP_BLOCK)?;
+            self.bat[sb_index] = entry(SB_PRESENT, off);
+        }
+        let sb_offset = (self.bat[sb_index] >> 20) * MIB;
+        let per_chunk = 1u64 << 23;
+        let (first, last) =
+            ((offset / LOGICAL_SECTOR) % per_chunk, ((offset + len) / LOGICAL_SECTOR - 1) % per_chunk);
+        let mut bits = vec![0u8; (last / 8 - first / 8 + 1) as usize];
+        let at = sb_offset + first / 8;
+        self.file.read_at_zero_fill(&mut bits, at)?;
+        for s in first..=last {
+            let b = s - (first / 8) * 8;
+            bits[(b / 8) as usize] |= 1 << (b % 8);
+        }
+        self.file.write_all_at(&bits, at)
+    }
+
+    /// Whether every sector of payload block `block` inside the disk was written.
+    fn block_complete(&self, block: u64) -> Result<bool> {
+        let g = self.geometry;
+        let sb = self.bat[g.bitmap_index(block / g.chunk_ratio) as usize];
+        let sectors = g.block_bytes(block) / LOGICAL_SECTOR;
+        let first = (block % g.chunk_ratio) * g.sectors_per_block();
+        let mut bits = vec![0u8; sectors.div_ceil(8) as usize];
+        self.file.read_at_zero_fill(&mut bits, (sb >> 20) * MIB + first / 8)?;
+        let full_bytes = (sectors / 8) as usize;
+        let rest = sectors % 8;
+        Ok(bits[..full_bytes].iter().all(|&b| b == 0xff)
+            && (rest == 0 || bits[full_bytes] & ((1u8 << rest) - 1) == (1u8 << rest) - 1))
+    }
+}
+
+impl crate::DiskWriter for VhdxWriter {
+    fn virtual_size(&self) -> u64 {
+        self.geometry.virtual_size
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        let path = self.file.path().to_path_buf();
+        check_range(&path, offset, buf.len(), self.geometry.virtual_size)?;
+        let differencing = self.locator.is_some();
+        if differencing
+            && (!offset.is_multiple_of(LOGICAL_SECTOR) || !(buf.len() as u64).is_multiple_of(LOGICAL_SECTOR))
+        {
+            return Err(Error::invalid(
+                Some(&path),
+                format!(
+                    "write of {} bytes at {offset}: differencing VHDX writes must be whole 512-byte sectors",
+                    buf.len()
+                ),
+            ));
+        }
+        let bs = self.geometry.block_size;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let (block, within) = (off / bs, off % bs);
+            let n = ((bs - within) as usize).min(buf.len() - done);
+            let piece = &buf[done..done + n];
+            let index = self.geometry.payload_index(block) as usize;
+            if self.bat[index] & 7 == u64::from(PAYLOAD_NOT_PRESENT) {
+                // Zeros need no block unless they hide the parent's data.
+                if differencing || !is_zero(piece) {
+                    let at = self.allocate(bs)?;
+                    self.bat[index] = entry(PAYLOAD_FULLY_PRESENT, at);
+                }
+            }
+            if self.bat[index] & 7 != u64::from(PAYLOAD_NOT_PRESENT) {
+                self.file.write_all_at(piece, (self.bat[index] >> 20) * MIB + within)?;
+                if differencing {
+                    self.mark_sectors(block, off, n as u64)?;
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        let g = self.geometry;
+        if self.locator.is_some() {
+            for block in 0..g.data_blocks {
+                let index = g.payload_index(block) as usize;
+                if self.bat[index] & 7 == u64::from(PAYLOAD_FULLY_PRESENT) && !self.block_complete(block)? {
+                    self.bat[index] = (self.bat[index] & !7) | u64::from(PAYLOAD_PARTIALLY_PRESENT);
+                }
+            }
+        }
+        let file = &self.file;
+        file.set_len(self.next_free)?;
+        let bat_bytes: Vec<u8> = self.bat.iter().flat_map(|e| e.to_le_bytes()).collect();
+        file.write_all_at(&bat_bytes, BAT_OFFSET)?;
+        let md = Metadata {
+            block_size: g.block_size,
+            leave_block_allocated: false,
+            has_parent: self.locator.is_some(),
+            virtual_size: g.virtual_size,
+            virtual_disk_id: random_guid(file)?,
+            logical_sector_size: LOGICAL_SECTOR as u32,
+            physical_sector_size: PHYSICAL_SECTOR,
+            parent_locator: self.locator.clone(),
+        };
+        file.write_all_at(&region_bytes(&md, METADATA.length as usize), METADATA.offset)?;
+        let regions = Regions {
+            bat: Region { offset: BAT_OFFSET, length: g.table_bytes().div_ceil(MIB) * MIB },
+            metadata: METADATA,
+        };
+        let table = table_bytes(&regions);
+        for off in REGION_TABLE_OFFSETS {
+            file.write_all_at(&table, off)?;
+        }
+        file.sync()?;
+        // The commit point: valid headers make the image usable.
+        let data_write_guid = random_guid(file)?;
+        let file_write_guid = random_guid(file)?;
+        for (i, off) in HEADER_OFFSETS.into_iter().enumerate() {
+            let h = Header {
+                sequence_number: i as u64 + 1,
+                file_write_guid,
+                data_write_guid,
+                log_guid: Guid::ZERO,
+                log_version: 0,
+                version: 1,
+                log_length: LOG.length as u32,
+                log_offset: LOG.offset,
+            };
+            file.write_all_at(&h.to_bytes(), off)?;
+        }
+        file.sync()
+    }
+}
+
+fn random_guid(file: &ImageFile) -> Result<Guid> {
+    Guid::random().map_err(|e| Error::io(file.path(), "generate a GUID", e))
+}

@@ -1,0 +1,8 @@
+#![no_main]
+//! Opens arbitrary bytes as qcow2 and reads them within budget: must never panic.
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    tern_fuzz::exercise(data, Some(tern_disk::Format::Qcow2));
+});
