@@ -34,7 +34,7 @@ const TEXT: &str = "Lorem ipsum dolor sit amet; tern replicates VM disks to obje
 /// zeros, scattered by `seed`. Returns the bytes written.
 pub fn write_sample_disk(path: &Path, size: u64, seed: u64) -> Result<u64> {
     const MIB: u64 = 1 << 20;
-    if size == 0 || size % MIB != 0 {
+    if size == 0 || !size.is_multiple_of(MIB) {
         return Err(Error::invalid(format!("sample size {size} must be a positive multiple of 1 MiB")));
     }
     let mut f = std::fs::OpenOptions::new()

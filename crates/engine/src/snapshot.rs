@@ -173,7 +173,7 @@ mod tests {
         // A child process holding the file open read-write (this process is skipped).
         let mut child = std::process::Command::new("sh")
             .arg("-c")
-            .arg(format!("exec 3<>'{}'; sleep 30", img.display()))
+            .arg(format!("exec 3<>'{}'; exec sleep 30", img.display()))
             .spawn()
             .unwrap();
         let mut found = Vec::new();

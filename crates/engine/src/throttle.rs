@@ -291,14 +291,16 @@ impl Clock for VirtualClock {
 pub type ScheduleSource = Box<dyn Fn() -> Option<Schedule> + Send + Sync>;
 
 struct Bucket {
-    tokens: f64,
-    last_refill: Duration,
+    /// Clock time at which every byte admitted so far has been paid for at the limit.
+    free_at: Duration,
     last_reload: Option<Duration>,
     schedule: Schedule,
     limit: Limit,
 }
 
-/// The shared token bucket.
+/// The shared throttle: a token bucket kept as "the link is busy until `free_at`"
+/// (the generic cell rate algorithm), which needs no refill arithmetic and handles a
+/// limit change by rescaling the time still owed.
 pub struct Throttle {
     clock: Arc<dyn Clock>,
     source: ScheduleSource,
@@ -330,8 +332,7 @@ impl Throttle {
             source,
             local_offset,
             gate: Mutex::new(Bucket {
-                tokens: 0.0,
-                last_refill: now,
+                free_at: now,
                 last_reload: None,
                 schedule: Schedule::unlimited(),
                 limit: Limit::Unlimited,
@@ -344,8 +345,8 @@ impl Throttle {
         Self::new(Arc::new(SystemClock::default()), UtcOffset::UTC, Box::new(|| None))
     }
 
-    fn refresh(&self, b: &mut Bucket) {
-        let now = self.clock.elapsed();
+    /// Re-read the schedule (at most once per [`RELOAD`]) and apply the limit in force.
+    fn refresh(&self, b: &mut Bucket, now: Duration) {
         if b.last_reload.is_none_or(|t| now.saturating_sub(t) >= RELOAD) {
             if let Some(s) = (self.source)() {
                 b.schedule = s;
@@ -353,46 +354,41 @@ impl Throttle {
             b.last_reload = Some(now);
         }
         let limit = b.schedule.limit_at(self.clock.now_utc().to_offset(self.local_offset));
-        let dt = now.saturating_sub(b.last_refill).as_secs_f64();
-        b.last_refill = now;
-        match limit.bytes_per_sec() {
-            None => b.tokens = 0.0,
-            Some(rate) => {
-                if limit != b.limit {
-                    // A new limit starts from an empty bucket: no burst at the old rate.
-                    b.tokens = b.tokens.min(0.0);
+        if limit != b.limit {
+            b.free_at = match (b.limit.bytes_per_sec(), limit.bytes_per_sec()) {
+                // Bytes still owed at the old rate are owed at the new one.
+                (Some(old), Some(new)) if b.free_at > now => {
+                    now + Duration::from_secs_f64((b.free_at - now).as_secs_f64() * old / new)
                 }
-                b.tokens = (b.tokens + dt * rate).min(rate * BURST.as_secs_f64());
-            }
+                _ => now,
+            };
+            b.limit = limit;
         }
-        b.limit = limit;
     }
 
     /// The limit in force now.
     pub fn current_limit(&self) -> Limit {
         let mut b = self.gate.lock().unwrap_or_else(|p| p.into_inner());
-        self.refresh(&mut b);
+        self.refresh(&mut b, self.clock.elapsed());
         b.limit
     }
 
     /// Wait until `bytes` may be sent.
     pub fn acquire(&self, bytes: u64) {
         let mut b = self.gate.lock().unwrap_or_else(|p| p.into_inner());
-        let mut owed = bytes as f64;
-        // Bounded: every pass either finishes or sleeps up to one second while the
-        // bucket refills at a rate of at least 64000 bytes/s.
-        loop {
-            self.refresh(&mut b);
-            let Some(rate) = b.limit.bytes_per_sec() else { return };
-            let take = owed.min(b.tokens.max(0.0));
-            b.tokens -= take;
-            owed -= take;
-            if owed <= 0.0 {
+        let now = self.clock.elapsed();
+        self.refresh(&mut b, now);
+        let Some(rate) = b.limit.bytes_per_sec() else { return };
+        b.free_at = b.free_at.max(now.saturating_sub(BURST)) + Duration::from_secs_f64(bytes as f64 / rate);
+        // Bounded: each pass sleeps up to a second towards `free_at`, which moves only
+        // when the limit changes (and then by a finite rescale, or to now).
+        for _ in 0..u32::MAX {
+            let now = self.clock.elapsed();
+            self.refresh(&mut b, now);
+            if b.free_at <= now || b.limit == Limit::Unlimited {
                 return;
             }
-            let wait = Duration::from_secs_f64((owed / rate).min(RELOAD.as_secs_f64()))
-                .max(Duration::from_micros(100));
-            self.clock.sleep(wait);
+            self.clock.sleep((b.free_at - now).min(RELOAD));
         }
     }
 }
@@ -409,8 +405,9 @@ mod tests {
         assert_eq!(Limit::parse("1.5 Mbps").unwrap(), Limit::Bps(1_500_000));
         assert_eq!(Limit::parse("1023mbps").unwrap(), Limit::Bps(1_023_000_000));
         assert_eq!(Limit::parse("Unlimited").unwrap(), Limit::Unlimited);
+        assert_eq!(Limit::parse("1Gbps").unwrap(), Limit::Bps(1_000_000_000));
         for bad in
-            ["511Kbps", "1024Mbps", "1Gbps", "50", "50MB", "x", "", "1.2.3Mbps", "99999999999999999999Mbps"]
+            ["511Kbps", "1024Mbps", "1.1Gbps", "50", "50MB", "x", "", "1.2.3Mbps", "99999999999999999999Mbps"]
         {
             assert!(Limit::parse(bad).is_err(), "{bad}");
         }
