@@ -31,7 +31,7 @@ const TEXT: &str = "Lorem ipsum dolor sit amet; tern replicates VM disks to obje
 
 /// Write a sparse raw image of `size` bytes (a multiple of 1 MiB) at `path` (which must
 /// not exist): about half in 1 MiB extents of random data, a quarter text, the rest
-/// zeros, scattered by `seed`. Returns the bytes written.
+/// zeros (a third of the 16 MiB regions empty), scattered by `seed`. Returns the bytes written.
 pub fn write_sample_disk(path: &Path, size: u64, seed: u64) -> Result<u64> {
     const MIB: u64 = 1 << 20;
     if size == 0 || !size.is_multiple_of(MIB) {
@@ -47,8 +47,16 @@ pub fn write_sample_disk(path: &Path, size: u64, seed: u64) -> Result<u64> {
     let mut buf = vec![0u8; MIB as usize];
     let text: Vec<u8> = TEXT.bytes().cycle().take(MIB as usize).collect();
     let mut written = 0;
+    let mut region_empty = false;
     for i in 0..size / MIB {
+        // A third of the 16 MiB regions were never written, as on a real filesystem.
+        if i.is_multiple_of(16) {
+            region_empty = rng.next().is_multiple_of(3);
+        }
         let roll = rng.next() % 4;
+        if region_empty {
+            continue;
+        }
         let data: &[u8] = match roll {
             0 | 1 => {
                 rng.fill(&mut buf);
