@@ -51,7 +51,8 @@ struct CachedTable {
 
 impl Qcow2Writer {
     /// Create a qcow2 v3 image of `size` guest bytes with `cluster_size`-byte clusters
-    /// (a power of two, 512 B ..= 2 MiB) at `path`, which must not exist.
+    /// (a power of two, 512 B ..= 2 MiB) at `path`, which must not exist. The size is
+    /// rounded up to whole 512-byte sectors.
     pub fn create(path: &Path, size: u64, cluster_size: u64) -> Result<Self> {
         let bits = cluster_size.trailing_zeros();
         if !cluster_size.is_power_of_two() || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
@@ -60,9 +61,14 @@ impl Qcow2Writer {
                 format!("qcow2 cluster size {cluster_size} is invalid: it must be a power of two from 512 to 2 MiB"),
             ));
         }
+        // QEMU reads a qcow2 size rounded down to whole sectors, so the size is rounded
+        // up here (as VHD and VHDX do): a guest byte past the last whole sector would be lost.
+        let size = size.checked_next_multiple_of(512).filter(|&s| s <= i64::MAX as u64).ok_or_else(|| {
+            Error::invalid(Some(path), format!("virtual size {size} is too large for qcow2"))
+        })?;
         let geometry = Geometry::new(bits, false);
         let l1_entries = geometry.l1_entries_for(size);
-        if size > i64::MAX as u64 || l1_entries * 8 > MAX_L1_BYTES {
+        if l1_entries * 8 > MAX_L1_BYTES {
             return Err(Error::invalid(
                 Some(path),
                 format!("virtual size {size} is too large for {cluster_size}-byte qcow2 clusters (the L1 table would exceed 32 MiB)"),
