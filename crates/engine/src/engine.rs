@@ -119,7 +119,8 @@ impl Engine {
             std::fs::create_dir_all(path)
                 .map_err(|e| Error::io(format!("creating store folder {path}"), e))?;
         }
-        Store::open(&self.store_url).map_err(|e| Error::from(e).context(format!("store {}", self.store_url)))
+        // Store errors name the store already.
+        Store::open(&self.store_url).map_err(Error::from)
     }
 
     /// A runtime for the store's async calls; workers use its handle from their threads.
@@ -131,13 +132,25 @@ impl Engine {
             .map_err(|e| Error::io("starting the async runtime", e))
     }
 
+    /// The key and config for writing to `store`. A store that has a config needs the
+    /// key file to exist: a missing file is reported as missing, never replaced by a new
+    /// key that cannot read the store. A new store is initialized with the key, which is
+    /// created on first use.
+    pub async fn key_for_writing(&self, store: &Store) -> Result<(Key, StoreConfig)> {
+        let initialized = store.read_config().await.map_err(Error::from)?.is_some();
+        let key = if initialized { self.load_key()? } else { self.load_or_create_key()?.0 };
+        let cfg = self.check_store(store, &key, true).await?;
+        Ok((key, cfg))
+    }
+
     /// Check the store's config against `key`; with `create`, initialize a new store.
     pub async fn check_store(&self, store: &Store, key: &Key, create: bool) -> Result<StoreConfig> {
         let url = &self.store_url;
         let cfg = match store
             .read_config()
             .await
-            .map_err(|e| Error::from(e).context(format!("store {url}")))?
+            // Store errors name the store and the object already.
+            .map_err(Error::from)?
         {
             Some(c) => c,
             None if create => {
@@ -147,7 +160,7 @@ impl Engine {
                     key_id: key.id().to_string(),
                     chunk_size: tern_chunk::DEFAULT_CHUNK_SIZE,
                 };
-                store.init_config(&new).await.map_err(|e| Error::from(e).context(format!("store {url}")))?
+                store.init_config(&new).await.map_err(Error::from)?
             }
             None => {
                 return Err(Error::new(

@@ -22,6 +22,9 @@ use tern_types::MIB;
 use crate::manifest::index_digest;
 use crate::{catalog, vmdef, Engine, Error, ErrorKind, Manifest, ManifestDisk, Result};
 
+/// Sector size QEMU counts image sizes in.
+const SECTOR: u64 = 512;
+
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrateFormat {
@@ -84,11 +87,15 @@ impl MigrateFormat {
         }
     }
 
-    /// Output virtual size for a disk of `size` bytes.
+    /// Output virtual size for a disk of `size` bytes; any padding reads as zeros.
     pub fn output_size(self, size: u64) -> u64 {
         match self {
+            MigrateFormat::Raw => size,
             MigrateFormat::Azure => size.div_ceil(MIB) * MIB,
-            _ => size,
+            // QEMU takes the size of a qcow2, VHD or VHDX image in whole 512-byte
+            // sectors, rounding down, so a size that is not a multiple of 512 would lose
+            // the disk's last bytes (qemu-img create rounds up for the same reason).
+            MigrateFormat::Qcow2 | MigrateFormat::Vhd | MigrateFormat::Vhdx => size.div_ceil(SECTOR) * SECTOR,
         }
     }
 }

@@ -149,10 +149,9 @@ pub fn replicate(
 ) -> Result<ReplicateReport> {
     check_threads(opts.threads)?;
     let vm = engine.vm(name)?;
-    let (key, _) = engine.load_or_create_key()?;
     let store = engine.open_store()?;
     let rt = engine.runtime()?;
-    let cfg = rt.block_on(engine.check_store(&store, &key, true))?;
+    let (key, cfg) = rt.block_on(engine.key_for_writing(&store))?;
     let db = engine.db();
     let url = engine.store_url();
 

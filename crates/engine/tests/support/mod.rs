@@ -1,0 +1,147 @@
+//! Helpers shared by the engine's behaviour tests: a host in a temp folder, VMs,
+//! replicate / migrate with no progress display, and the qemu tools as oracles.
+#![allow(dead_code)] // Each test binary uses a different subset.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+use tern_engine::throttle::Throttle;
+use tern_engine::{
+    migrate, replicate, Engine, EngineOptions, Firmware, MigrateFormat, MigrateOptions, MigrateReport,
+    PointSelector, ReplicateOptions, ReplicateReport, VmDef,
+};
+
+/// A host: a temp folder holding the data directory (state, key, default store).
+pub struct Host {
+    _dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub engine: Engine,
+}
+
+pub fn host() -> Host {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let engine =
+        Engine::open(&EngineOptions { data_dir: Some(root.join("data")), ..Default::default() }).unwrap();
+    Host { _dir: dir, root, engine }
+}
+
+pub fn add_vm(engine: &Engine, name: &str, disks: &[PathBuf]) {
+    engine
+        .db()
+        .vm_add(&VmDef {
+            id: tern_engine::new_vm_id().unwrap(),
+            name: name.into(),
+            cpus: 2,
+            memory_bytes: 2 << 30,
+            firmware: Firmware::Bios,
+            disks: disks.to_vec(),
+        })
+        .unwrap();
+}
+
+pub fn run_replicate(
+    engine: &Engine,
+    name: &str,
+    opts: &ReplicateOptions,
+) -> tern_engine::Result<ReplicateReport> {
+    replicate(engine, name, opts, &Throttle::unlimited(), &|_| {})
+}
+
+pub fn run_migrate(
+    engine: &Engine,
+    name: &str,
+    format: MigrateFormat,
+    out: &Path,
+) -> tern_engine::Result<MigrateReport> {
+    migrate(
+        engine,
+        name,
+        &MigrateOptions {
+            point: PointSelector::Latest,
+            format,
+            out_dir: out.into(),
+            test: false,
+            threads: 3,
+        },
+        &|_| {},
+    )
+}
+
+/// Run a qemu tool; panic with its output if it fails.
+pub fn qemu(tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("running {tool}: {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img compare` of `a` (QEMU driver `fa`) with `b` (driver `fb`). Formats are
+/// always given: QEMU probes a fixed VHD as raw.
+pub fn qemu_compare(a: &Path, fa: &str, b: &Path, fb: &str) {
+    qemu("qemu-img", &["compare", "-f", fa, "-F", fb, &a.to_string_lossy(), &b.to_string_lossy()]);
+}
+
+/// The virtual size QEMU reads from an image.
+pub fn qemu_virtual_size(p: &Path, fmt: &str) -> u64 {
+    let info = qemu("qemu-img", &["info", "--output=json", "-f", fmt, &p.to_string_lossy()]);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    v["virtual-size"].as_u64().unwrap()
+}
+
+/// SHA-256 of a whole file, hex, read in pieces.
+pub fn sha256_file(p: &Path) -> String {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    // Bounded by the file's length.
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// SHA-256 of an image's guest content as QEMU reads it (`qemu-img convert -O raw`).
+pub fn qemu_guest_sha256(p: &Path, fmt: &str, scratch: &Path) -> String {
+    let raw = scratch.join(format!("{}.sha-raw", p.file_name().unwrap().to_string_lossy()));
+    qemu("qemu-img", &["convert", "-f", fmt, "-O", "raw", &p.to_string_lossy(), &raw.to_string_lossy()]);
+    let sha = sha256_file(&raw);
+    std::fs::remove_file(&raw).unwrap();
+    sha
+}
+
+/// Every file under `dir`, recursively.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    // Bounded by the tree's size.
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Total bytes of every file under `dir` (0 if it does not exist).
+pub fn tree_bytes(dir: &Path) -> u64 {
+    if !dir.exists() {
+        return 0;
+    }
+    walk(dir).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum()
+}
