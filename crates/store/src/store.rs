@@ -406,22 +406,23 @@ impl Store {
         let mut upload =
             self.inner.put_multipart(path).await.map_err(|e| self.backend_error(e, object, "put"))?;
         match self.send_blocks(upload.as_mut(), path, envelope, first, pacer, object).await {
-            Ok(()) => {
+            Ok(committed) => {
+                if !committed {
+                    // Uploaded by someone else meanwhile: theirs stays (create-only).
+                    let _ = upload.abort().await;
+                }
                 self.counters.record_put_object();
                 Ok(())
             }
             Err(e) => {
                 // Azure has nothing to abort (uncommitted blocks expire); other backends may.
                 let _ = upload.abort().await;
-                if e.kind() == ErrorKind::AlreadyExists {
-                    self.counters.record_put_object();
-                    return Ok(());
-                }
                 Err(e)
             }
         }
     }
 
+    /// Send the parts, then commit unless the chunk exists by now; whether it committed.
     async fn send_blocks(
         &self,
         upload: &mut dyn MultipartUpload,
@@ -430,7 +431,7 @@ impl Store {
         first: usize,
         pacer: &dyn Pacer,
         object: &Object<'_>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let (len, mut offset, mut part) = (envelope.len(), 0, first);
         // Bounded: every part is at least one byte.
         while part > 0 {
@@ -444,10 +445,10 @@ impl Store {
             part = paced::next_part(pacer, len - offset, self.parts.min_part());
         }
         if self.exists(path, object).await? {
-            return Err(self.error(ErrorKind::AlreadyExists, object, "uploaded by someone else meanwhile"));
+            return Ok(false);
         }
         upload.complete().await.map_err(|e| self.backend_error(e, object, "put"))?;
-        Ok(())
+        Ok(true)
     }
 
     /// Write an object that must never be replaced: a check first (some S3-compatible
