@@ -520,12 +520,13 @@ fn process_chunk(
         }
     }
     let env = Bytes::from(seal(ctx.key, ObjectKind::Chunk, buf, ctx.opts.compression_level)?);
-    ctx.throttle.acquire(env.len() as u64);
     out.uploaded = env.len() as u64;
     let mut attempt = 0;
-    // Bounded retries of transient failures, with a growing pause.
+    // Bounded retries of transient failures, with a growing pause. The throttle admits
+    // the chunk part by part as it goes to the store (one plain put when unlimited); a
+    // retry sends, and pays for, the bytes again.
     loop {
-        match ctx.rt.block_on(ctx.store.put_chunk(&address, env.clone())) {
+        match ctx.rt.block_on(ctx.store.put_chunk_paced(&address, env.clone(), ctx.throttle)) {
             Ok(()) => return Ok(out),
             Err(e) if e.kind() == tern_store::ErrorKind::Transient && attempt < 4 => {
                 attempt += 1;

@@ -6,6 +6,10 @@
 //! or `unlimited`.
 //!
 //! [`Throttle`] is a token bucket on upload bytes shared by every worker of a process.
+//! Uploads ask it for parts ([`Throttle::grant`], the [`tern_store::Pacer`] handed to
+//! [`tern_store::Store::put_chunk_paced`]) sized to the limit in force, at most
+//! [`PART_TIME`]'s worth of bytes, so that the rate measured where bytes land at the
+//! store holds over 10 s windows, not just on average over whole chunks.
 //! It re-reads the schedule (through a caller-supplied source, normally the state
 //! database) at most once per second of its [`Clock`], so a `tern throttle set` applies
 //! to running replications within a second. Waits are taken in slices of at most one
@@ -315,6 +319,13 @@ pub struct Throttle {
 const BURST: Duration = Duration::from_millis(50);
 /// How often the schedule is re-read, and the longest single wait.
 const RELOAD: Duration = Duration::from_secs(1);
+/// The largest part [`Throttle::grant`] admits, in time at the limit: bytes land within
+/// 0.5% of a 10 s window of when they are paid for. A whole default chunk (4 MiB) is
+/// 0.67 s at 50 Mbps, 6.7% of a window.
+pub const PART_TIME: Duration = Duration::from_millis(50);
+/// The smallest part [`Throttle::grant`] admits (64 ms at the lowest limit), so that a
+/// paced chunk is not sent in thousands of tiny writes or requests.
+pub const MIN_PART: u64 = 4 << 10;
 
 impl fmt::Debug for Throttle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -375,10 +386,28 @@ impl Throttle {
 
     /// Wait until `bytes` may be sent.
     pub fn acquire(&self, bytes: u64) {
+        self.admit(|_| bytes);
+    }
+
+    /// Wait until part of an upload with `remaining` bytes left may be sent, and return
+    /// the part's size: everything when there is no limit, else at most [`PART_TIME`]'s
+    /// worth at the limit in force (and at least [`MIN_PART`]), so that a limit changed
+    /// in the middle of a chunk applies from its next part.
+    pub fn grant(&self, remaining: u64) -> u64 {
+        self.admit(|rate| match rate {
+            None => remaining,
+            // Float to integer saturates; a part is at most a few MB at any valid limit.
+            Some(rate) => ((rate * PART_TIME.as_secs_f64()) as u64).max(MIN_PART).min(remaining),
+        })
+    }
+
+    /// Wait until `size(rate in force)` bytes may be sent; returns that size.
+    fn admit(&self, size: impl FnOnce(Option<f64>) -> u64) -> u64 {
         let mut b = self.gate.lock().unwrap_or_else(|p| p.into_inner());
         let now = self.clock.elapsed();
         self.refresh(&mut b, now);
-        let Some(rate) = b.limit.bytes_per_sec() else { return };
+        let bytes = size(b.limit.bytes_per_sec());
+        let Some(rate) = b.limit.bytes_per_sec() else { return bytes };
         b.free_at = b.free_at.max(now.saturating_sub(BURST)) + Duration::from_secs_f64(bytes as f64 / rate);
         // Bounded: each pass sleeps up to a second towards `free_at`, which moves only
         // when the limit changes (and then by a finite rescale, or to now).
@@ -386,10 +415,18 @@ impl Throttle {
             let now = self.clock.elapsed();
             self.refresh(&mut b, now);
             if b.free_at <= now || b.limit == Limit::Unlimited {
-                return;
+                return bytes;
             }
             self.clock.sleep((b.free_at - now).min(RELOAD));
         }
+        bytes
+    }
+}
+
+/// Paced chunk uploads take their parts from the throttle.
+impl tern_store::Pacer for Throttle {
+    fn grant(&self, remaining: u64) -> u64 {
+        Throttle::grant(self, remaining)
     }
 }
 

@@ -15,7 +15,8 @@
 //! manifest exists; every operation counts the bytes it moves ([`StoreStats`]).
 //!
 //! Main types: [`Store`] (open with a URL, then put/get/list), [`Error`] with an
-//! [`ErrorKind`] that says whether a retry can help, [`StoreConfig`], [`StoreStats`].
+//! [`ErrorKind`] that says whether a retry can help, [`StoreConfig`], [`StoreStats`],
+//! [`Pacer`] (admits the parts of a bandwidth-limited chunk upload).
 //!
 //! # URLs and environment
 //! - `file:///abs/path`: a local folder, created if missing.
@@ -45,10 +46,12 @@ mod backend;
 mod config;
 mod error;
 mod layout;
+mod paced;
 mod stats;
 mod store;
 
 pub use config::{StoreConfig, LAYOUT_VERSION, STORE_FORMAT};
 pub use error::{Error, ErrorKind, Result};
+pub use paced::Pacer;
 pub use stats::StoreStats;
 pub use store::Store;

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct StoreStats {
     /// Objects written.
     pub objects_put: u64,
-    /// Bytes written.
+    /// Bytes written, counted as they land: a paced chunk
+    /// ([`crate::Store::put_chunk_paced`]) adds each part when the backend has taken it.
     pub bytes_put: u64,
     /// Objects read.
     pub objects_get: u64,
@@ -31,6 +32,16 @@ impl Counters {
     pub(crate) fn record_put(&self, bytes: usize) {
         self.objects_put.fetch_add(1, Ordering::Relaxed);
         self.bytes_put.fetch_add(widen(bytes), Ordering::Relaxed);
+    }
+
+    /// One part of a paced upload has landed.
+    pub(crate) fn record_put_bytes(&self, bytes: usize) {
+        self.bytes_put.fetch_add(widen(bytes), Ordering::Relaxed);
+    }
+
+    /// A paced upload whose parts were counted by [`Counters::record_put_bytes`] is done.
+    pub(crate) fn record_put_object(&self) {
+        self.objects_put.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn record_get(&self, bytes: usize) {

@@ -13,14 +13,16 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use object_store::{MultipartUpload, ObjectStore, PutMode, PutOptions, PutPayload};
 use tern_chunk::ChunkAddress;
 
-use crate::backend::{self, Env};
+use crate::backend::{self, Env, Parts};
 use crate::config::StoreConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout::{self, PointId, VmId};
+use crate::paced::{self, Pacer, Staged};
 use crate::stats::{Counters, StoreStats};
 
 /// An open store. Cheap to clone; clones share the connection pool and the counters.
@@ -28,6 +30,7 @@ use crate::stats::{Counters, StoreStats};
 pub struct Store {
     url: Arc<str>,
     inner: Arc<dyn ObjectStore>,
+    parts: Parts,
     counters: Arc<Counters>,
 }
 
@@ -70,8 +73,8 @@ impl Store {
 
     fn open_env(url: &str, env: &Env) -> Result<Store> {
         let target = backend::parse(url)?;
-        let inner = backend::open(url, &target, env)?;
-        Ok(Store { url: url.into(), inner, counters: Arc::default() })
+        let (inner, parts) = backend::open(url, &target, env)?;
+        Ok(Store { url: url.into(), inner, parts, counters: Arc::default() })
     }
 
     /// The URL the store was opened with.
@@ -135,6 +138,37 @@ impl Store {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Store a chunk envelope like [`Store::put_chunk`], with its bytes paced: `pacer`
+    /// admits each part just before it is sent, and [`StoreStats::bytes_put`] grows by
+    /// each part as it lands. When the first grant covers the whole envelope (no limit,
+    /// or a limit so high that a chunk is a small part of a second) this is exactly
+    /// `put_chunk`: one request. How each backend takes parts, and why a partial chunk is
+    /// never visible: see [`Pacer`]'s module (`paced.rs`).
+    ///
+    /// The pacer may block, so call this from a thread that may block (an upload thread
+    /// driving the runtime with `block_on`), not from a task on a runtime worker.
+    pub async fn put_chunk_paced(
+        &self,
+        address: &ChunkAddress,
+        envelope: Bytes,
+        pacer: &dyn Pacer,
+    ) -> Result<()> {
+        let len = envelope.len();
+        // On S3 (`Parts::Whole`) the first part is the whole envelope, admitted in as
+        // many grants as the pacer takes.
+        let first = paced::next_part(pacer, len, self.parts.min_part());
+        if first >= len {
+            return self.put_chunk(address, envelope).await;
+        }
+        let path = layout::chunk_path(address);
+        let object = Object::Chunk(address);
+        match &self.parts {
+            Parts::Staged(local) => self.put_staged(local, &path, envelope, first, pacer, &object).await,
+            Parts::Blocks => self.put_blocks(&path, envelope, first, pacer, &object).await,
+            Parts::Whole => self.put_chunk(address, envelope).await,
         }
     }
 
@@ -313,6 +347,110 @@ impl Store {
         }
     }
 
+    /// A paced chunk into a local folder: parts appended to a staging file, which is
+    /// then linked create-only under the chunk's name (see `paced.rs`). File work runs
+    /// on the blocking pool; `Staged` removes the staging file if anything fails or this
+    /// future is dropped.
+    async fn put_staged(
+        &self,
+        local: &LocalFileSystem,
+        path: &Path,
+        envelope: Bytes,
+        first: usize,
+        pacer: &dyn Pacer,
+        object: &Object<'_>,
+    ) -> Result<()> {
+        let dest = local.path_to_filesystem(path).map_err(|e| self.backend_error(e, object, "put"))?;
+        let shown = dest.display().to_string();
+        let io_error =
+            |e: std::io::Error, what: &str| Error::from_io(&e, &self.url, &format_args!("{object}: {what}"));
+        let mut staged = blocking(move || Staged::create(dest))
+            .await
+            .map_err(|e| self.error(ErrorKind::Other, object, e))?
+            .map_err(|e| io_error(e, &format!("creating a staging file for {shown}")))?;
+        let (len, mut offset, mut part) = (envelope.len(), 0, first);
+        // Bounded: every part is at least one byte.
+        while part > 0 {
+            let bytes = envelope.slice(offset..offset + part);
+            let (back, written) = blocking(move || {
+                let written = staged.append(&bytes);
+                (staged, written)
+            })
+            .await
+            .map_err(|e| self.error(ErrorKind::Other, object, e))?;
+            staged = back;
+            written.map_err(|e| io_error(e, &format!("writing {}", staged.path().display())))?;
+            self.counters.record_put_bytes(part);
+            offset += part;
+            part = paced::next_part(pacer, len - offset, self.parts.min_part());
+        }
+        // Created, or the chunk existed already: both are success for a chunk.
+        blocking(move || staged.commit())
+            .await
+            .map_err(|e| self.error(ErrorKind::Other, object, e))?
+            .map_err(|e| io_error(e, &format!("linking the staged chunk as {shown}")))?;
+        self.counters.record_put_object();
+        Ok(())
+    }
+
+    /// A paced chunk as a multipart upload whose parts are small (Azure blocks),
+    /// aborted on error. Checked for just before committing (see `paced.rs`).
+    async fn put_blocks(
+        &self,
+        path: &Path,
+        envelope: Bytes,
+        first: usize,
+        pacer: &dyn Pacer,
+        object: &Object<'_>,
+    ) -> Result<()> {
+        let mut upload =
+            self.inner.put_multipart(path).await.map_err(|e| self.backend_error(e, object, "put"))?;
+        match self.send_blocks(upload.as_mut(), path, envelope, first, pacer, object).await {
+            Ok(committed) => {
+                if !committed {
+                    // Uploaded by someone else meanwhile: theirs stays (create-only).
+                    let _ = upload.abort().await;
+                }
+                self.counters.record_put_object();
+                Ok(())
+            }
+            Err(e) => {
+                // Azure has nothing to abort (uncommitted blocks expire); other backends may.
+                let _ = upload.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Send the parts, then commit unless the chunk exists by now; whether it committed.
+    async fn send_blocks(
+        &self,
+        upload: &mut dyn MultipartUpload,
+        path: &Path,
+        envelope: Bytes,
+        first: usize,
+        pacer: &dyn Pacer,
+        object: &Object<'_>,
+    ) -> Result<bool> {
+        let (len, mut offset, mut part) = (envelope.len(), 0, first);
+        // Bounded: every part is at least one byte.
+        while part > 0 {
+            let bytes = envelope.slice(offset..offset + part);
+            upload
+                .put_part(PutPayload::from(bytes))
+                .await
+                .map_err(|e| self.backend_error(e, object, "put"))?;
+            self.counters.record_put_bytes(part);
+            offset += part;
+            part = paced::next_part(pacer, len - offset, self.parts.min_part());
+        }
+        if self.exists(path, object).await? {
+            return Ok(false);
+        }
+        upload.complete().await.map_err(|e| self.backend_error(e, object, "put"))?;
+        Ok(true)
+    }
+
     /// Write an object that must never be replaced: a check first (some S3-compatible
     /// servers ignore `If-None-Match` and would silently overwrite), then a create-only
     /// put, which closes the race on every backend that honours it.
@@ -374,4 +512,9 @@ impl Store {
     fn backend_error(&self, err: object_store::Error, object: &Object<'_>, op: &str) -> Error {
         Error::from_backend(err, &self.url, object, op)
     }
+}
+
+/// Run file work on the blocking pool; a failed task (a panic) becomes its message.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| format!("file task failed: {e}"))
 }

@@ -1,0 +1,189 @@
+//! Paced chunk uploads (docs/replication.md, "Bandwidth"): a chunk reaches the store in
+//! parts, each admitted by a [`Pacer`] just before it is sent, so that a bandwidth limit
+//! holds at the size of a part rather than of a whole chunk. A default 4 MiB chunk is
+//! 6.7% of a 10 s window at 50 Mbps and six windows' worth at 512 Kbps; the pacer sizes
+//! parts to the limit in force.
+//!
+//! How each backend takes parts ([`crate::backend::Parts`]):
+//! - local folder: parts are appended to a staging file `<chunk>#<n>` next to the chunk
+//!   (the name object_store uses for its own staged writes, which its listings skip and
+//!   which is no valid object name), synced, then hard-linked under the chunk's name:
+//!   the link fails if the chunk exists, so the write is create-only. The staging file
+//!   is removed afterwards, and on any error or cancellation. A crash leaves at most a
+//!   hidden staging file, never a partial chunk.
+//! - Azure Blob: parts are blocks (Put Block) of at least 16 KiB (smaller grants add
+//!   up; see `backend::Parts::min_part`), made visible at once by Put Block List;
+//!   uncommitted blocks are invisible and the service discards them after a week.
+//!   object_store cannot make the commit conditional, so the chunk's name is checked
+//!   just before committing; two uploads of one address that race through that window
+//!   both commit sealed envelopes of the same plaintext, the later replacing the earlier.
+//! - S3: multipart parts must be at least 5 MiB except the last, more than a default
+//!   chunk, so the pacer is asked for the whole envelope and then one put is sent: on
+//!   S3 the rate is quantised by the chunk size.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// Admits the parts of a paced upload ([`crate::Store::put_chunk_paced`]).
+///
+/// Implemented for closures `Fn(u64) -> u64`; tern's bandwidth throttle implements it
+/// in the engine.
+pub trait Pacer: Sync {
+    /// Wait until some of the `remaining` bytes (never 0) may be sent, and return how
+    /// many: the size of the next part. Answers outside `1..=remaining` are clamped into
+    /// it. May block the calling thread.
+    fn grant(&self, remaining: u64) -> u64;
+}
+
+impl<F: Fn(u64) -> u64 + Sync> Pacer for F {
+    fn grant(&self, remaining: u64) -> u64 {
+        self(remaining)
+    }
+}
+
+/// The size of the next part of `remaining` bytes once `pacer` has admitted it: grants
+/// are added up until they reach `min_part` (or all that remains), so a backend that
+/// wants larger parts than the pacer hands out waits for several grants. 0 only when
+/// nothing remains; at least 1 otherwise, so that every loop over parts ends.
+pub(crate) fn next_part(pacer: &dyn Pacer, remaining: usize, min_part: usize) -> usize {
+    let want = min_part.clamp(1, remaining.max(1));
+    let mut part = 0;
+    // Bounded: every grant is at least one byte.
+    while part < want && part < remaining {
+        let left = remaining - part;
+        // usize is at most 64 bits on every target tern builds for.
+        let wide = u64::try_from(left).unwrap_or(u64::MAX);
+        part += usize::try_from(pacer.grant(wide).clamp(1, wide)).unwrap_or(left);
+    }
+    part
+}
+
+/// Most staging names tried next to one chunk: each is taken by a concurrent upload of
+/// the same chunk or left by a crash, so reaching this means something is badly wrong.
+const MAX_STAGING_NAMES: u32 = 1024;
+
+/// A chunk being written to a local folder: a hidden staging file that becomes the
+/// chunk on [`Staged::commit`] and disappears when dropped uncommitted.
+#[derive(Debug)]
+pub(crate) struct Staged {
+    file: File,
+    path: PathBuf,
+    dest: PathBuf,
+    done: bool,
+}
+
+impl Staged {
+    /// Create a new staging file next to `dest`, and `dest`'s folder if missing.
+    pub(crate) fn create(dest: PathBuf) -> io::Result<Staged> {
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        for n in 1..=MAX_STAGING_NAMES {
+            let path = staging_path(&dest, n);
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(file) => return Ok(Staged { file, path, dest, done: false }),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::other(format!(
+            "{MAX_STAGING_NAMES} staging files {}#<n> exist already",
+            dest.display()
+        )))
+    }
+
+    /// The staging file, for messages.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Append one part.
+    pub(crate) fn append(&mut self, part: &[u8]) -> io::Result<()> {
+        self.file.write_all(part)
+    }
+
+    /// Make the staged bytes the chunk: synced first, so that a crash after the link
+    /// cannot leave a chunk whose bytes never reached the disk. `Ok(false)` when the
+    /// chunk existed already (and was kept).
+    pub(crate) fn commit(mut self) -> io::Result<bool> {
+        self.file.sync_data()?;
+        let created = match std::fs::hard_link(&self.path, &self.dest) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(e),
+        };
+        self.done = true;
+        // The chunk is in place; a staging file left by a failed removal is hidden and
+        // holds the same bytes.
+        let _ = std::fs::remove_file(&self.path);
+        Ok(created)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.done {
+            // Abandoned (error, cancellation): the partial chunk goes. Failing that, it
+            // stays hidden under its staging name.
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// `<dest>#<n>`: object_store's LocalFileSystem neither lists nor serves such names.
+fn staging_path(dest: &Path, n: u32) -> PathBuf {
+    let mut name = dest.as_os_str().to_owned();
+    name.push(format!("#{n}"));
+    PathBuf::from(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_clamped_to_what_remains() {
+        assert_eq!(next_part(&|_| 0, 10, 1), 1, "a pacer answering 0 still makes progress");
+        assert_eq!(next_part(&|_| 99, 10, 1), 10);
+        assert_eq!(next_part(&|r: u64| r / 2, 10, 1), 5);
+        let never = |_: u64| -> u64 { panic!("not asked") };
+        assert_eq!(next_part(&never, 0, 1), 0);
+    }
+
+    #[test]
+    fn grants_add_up_to_the_backends_smallest_part() {
+        let asked = std::sync::Mutex::new(Vec::new());
+        let pacer = |r: u64| {
+            asked.lock().unwrap().push(r);
+            3
+        };
+        assert_eq!(next_part(&pacer, 10, 7), 9, "three grants of 3 reach 7");
+        assert_eq!(*asked.lock().unwrap(), [10, 7, 4]);
+        assert_eq!(next_part(&pacer, 2, 7), 2, "the last part may be smaller");
+        assert_eq!(next_part(&|_| 4, 10, usize::MAX), 10, "whole: every byte admitted");
+    }
+
+    #[test]
+    fn staged_file_is_removed_unless_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("ab").join("chunk");
+        let mut s = Staged::create(dest.clone()).unwrap();
+        s.append(b"half").unwrap();
+        let staging = s.path().to_path_buf();
+        assert!(staging.exists() && !dest.exists());
+        drop(s);
+        assert!(!staging.exists(), "abandoned staging file removed");
+
+        let mut s = Staged::create(dest.clone()).unwrap();
+        s.append(b"whole").unwrap();
+        assert!(s.commit().unwrap());
+        assert_eq!(std::fs::read(&dest).unwrap(), b"whole");
+        let mut s = Staged::create(dest.clone()).unwrap();
+        s.append(b"other").unwrap();
+        assert!(!s.commit().unwrap(), "create-only");
+        assert_eq!(std::fs::read(&dest).unwrap(), b"whole");
+        let left: Vec<_> = std::fs::read_dir(dest.parent().unwrap()).unwrap().collect();
+        assert_eq!(left.len(), 1, "only the chunk remains: {left:?}");
+    }
+}
