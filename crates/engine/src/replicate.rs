@@ -122,6 +122,8 @@ pub struct DiskReport {
     pub uploaded_bytes: u64,
     /// Guest bytes read from the image.
     pub read_bytes: u64,
+    /// How the disk was read: a reflink copy, or the image in place.
+    pub snapshot: SnapshotKind,
 }
 
 /// The result of a replication.
@@ -376,8 +378,16 @@ fn replicate_disk(
     let mut index = BaseIndex::new(d.virtual_size, repl.chunk_size)?;
     let count = index.len();
     let mut done = vec![false; count];
-    let mut report =
-        DiskReport { disk: d.disk, virtual_size: d.virtual_size, chunks: count as u64, ..Default::default() };
+    let snapshot = SnapshotKind::from_name(&d.snapshot_kind).ok_or_else(|| {
+        Error::corrupt(format!("state database: {label} has unknown snapshot kind {:?}", d.snapshot_kind))
+    })?;
+    let mut report = DiskReport {
+        disk: d.disk,
+        virtual_size: d.virtual_size,
+        chunks: count as u64,
+        snapshot,
+        ..Default::default()
+    };
     let mut done_bytes = 0u64;
     for (n, addr) in db.recorded_chunks(&vm.id, &repl.point_id, d.disk)? {
         let n = usize::try_from(n).ok().filter(|&n| n < count).ok_or_else(|| {

@@ -14,11 +14,13 @@ use std::path::{Path, PathBuf};
 use crate::{Error, ErrorKind, Result};
 
 /// How a disk is being read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum SnapshotKind {
     /// A reflink copy under the data directory, deleted when the point is committed.
     Reflink,
-    /// The image itself (nothing had it open for writing, or the user forced it).
+    /// The image itself (nothing had it open for writing, or the user forced it). The
+    /// default: no copy was made.
+    #[default]
     InPlace,
 }
 
@@ -29,6 +31,11 @@ impl SnapshotKind {
             SnapshotKind::Reflink => "reflink",
             SnapshotKind::InPlace => "in-place",
         }
+    }
+
+    /// The kind a name from the state database stands for, if any.
+    pub fn from_name(name: &str) -> Option<SnapshotKind> {
+        [SnapshotKind::Reflink, SnapshotKind::InPlace].into_iter().find(|k| k.name() == name)
     }
 }
 
