@@ -170,6 +170,8 @@ pub fn replicate(
                 "the snapshot of unfinished point {} is gone; starting a new replication",
                 r.point_id
             )));
+            // Its other snapshots would otherwise stay, diverging from the images.
+            release_snapshots(engine, &vm, &r.point_id, &disks);
             db.finish_abandoned(&vm.id, &r.point_id)?;
         }
     }

@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::{Error, ErrorKind, Result};
@@ -66,9 +67,12 @@ const FICLONE: libc::c_ulong = 0x4004_9409;
 /// (the caller falls back); `dst` is removed in that case.
 pub fn reflink(src: &Path, dst: &Path) -> Result<bool> {
     let s = File::open(src).map_err(|e| Error::io(format!("opening {}", src.display()), e))?;
+    // Owner-only: the copy holds the guest's data, which its image may keep from
+    // other users; the data directory itself is made with the default umask.
     let d = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(dst)
         .map_err(|e| Error::io(format!("creating snapshot {}", dst.display()), e))?;
     // SAFETY: both descriptors are open files owned by this function for the whole
@@ -131,7 +135,11 @@ pub fn writers_of(path: &Path) -> Result<Vec<Writer>> {
 
 /// Take a snapshot of `src` for disk `disk`, cloning into `dir` when possible.
 pub fn take(src: &Path, dir: &Path, name: &str, force: bool) -> Result<Snapshot> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let dst = dir.join(name);
     if dst.exists() {
         std::fs::remove_file(&dst).map_err(|e| Error::io(format!("removing stale {}", dst.display()), e))?;

@@ -14,7 +14,7 @@
 
 mod support;
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -230,6 +230,9 @@ fn a_reflink_snapshot_freezes_the_disks_across_writes_and_a_resume() {
                 assert!(r.read_path.starts_with(&snapshots), "{:?}", r.read_path);
                 assert!(r.read_path.is_file(), "{:?}", r.read_path);
                 assert!(has_shared_extents(&r.read_path), "{:?} shares no extent", r.read_path);
+                // The copy is the owner's alone, as a VM's image usually is.
+                let mode = std::fs::metadata(&r.read_path).unwrap().permissions().mode();
+                assert_eq!(mode & 0o777, 0o600, "{:?} has mode {mode:o}", r.read_path);
             }
             // The snapshots cost no copy: far less new space than the images hold.
             let grown = fs.used_bytes().saturating_sub(used_before);
@@ -323,4 +326,44 @@ fn a_data_dir_on_another_filesystem_reads_in_place() {
     assert_eq!(r.disks[0].snapshot, SnapshotKind::InPlace);
     let m = run_migrate(&h.engine, "vm", MigrateFormat::Raw, &h.root.join("out")).unwrap();
     qemu_compare(&m.disks[0].path, "raw", &raw, "raw");
+}
+
+#[test]
+fn an_abandoned_replication_leaves_no_snapshot_behind() {
+    // One of an unfinished point's snapshots is gone (removed by hand, say): the run
+    // starts a new point, and the snapshots the old one still had are not left to grow
+    // apart from the images forever.
+    let Some(fs) = ReflinkFs::new("an_abandoned_replication_leaves_no_snapshot_behind") else {
+        return;
+    };
+    let mnt = fs.mount_point();
+    let disks = [mnt.join("a.raw"), mnt.join("b.raw")];
+    for (i, d) in disks.iter().enumerate() {
+        tern_engine::sample::write_sample_disk(d, 16 * MIB, 30 + i as u64).unwrap();
+    }
+    let engine =
+        Engine::open(&EngineOptions { data_dir: Some(mnt.join("data")), ..Default::default() }).unwrap();
+    add_vm(&engine, "vm", &disks);
+    let vm_id = engine.vm("vm").unwrap().id;
+    let opts = ReplicateOptions { threads: 1, fail_after_uploads: Some(1), ..Default::default() };
+    run_replicate(&engine, "vm", &opts).unwrap_err();
+    let old = engine.db().running_replication(&vm_id, engine.store_url()).unwrap().unwrap();
+    let rows = engine.db().replication_disks(&vm_id, &old.point_id).unwrap();
+    assert!(rows.iter().all(|r| r.snapshot_kind == SnapshotKind::Reflink.name() && r.read_path.is_file()));
+    std::fs::remove_file(&rows[1].read_path).unwrap();
+
+    let warnings = Mutex::new(Vec::new());
+    let observe = |e: ReplicateEvent| {
+        if let ReplicateEvent::Warning(w) = e {
+            warnings.lock().unwrap().push(w);
+        }
+    };
+    let r = replicate(&engine, "vm", &ReplicateOptions::default(), &Throttle::unlimited(), &observe).unwrap();
+    assert!(!r.resumed);
+    assert_ne!(r.point_id, old.point_id);
+    let warnings = warnings.into_inner().unwrap();
+    assert!(warnings.iter().any(|w| w.contains(&old.point_id)), "{warnings:?}");
+    let snapshots = engine.data_dir().snapshots_dir();
+    let left = if snapshots.exists() { walk(&snapshots) } else { Vec::new() };
+    assert!(left.is_empty(), "left under the snapshots folder: {left:?}");
 }
