@@ -147,8 +147,14 @@ fn copy_piece(
     Ok(())
 }
 
-/// Write the parts of `data` that are not all zero, coalescing adjacent non-zero pieces.
-fn write_nonzero(write: &mut dyn FnMut(&[u8], u64) -> Result<()>, data: &[u8], offset: u64) -> Result<()> {
+/// Write the parts of `data` that are not all zero (checked in 64 KiB pieces),
+/// coalescing adjacent non-zero pieces. For writers into a new image, where unwritten
+/// ranges already read as zero: the output stays as sparse as the content.
+pub fn write_nonzero(
+    write: &mut dyn FnMut(&[u8], u64) -> Result<()>,
+    data: &[u8],
+    offset: u64,
+) -> Result<()> {
     let mut run_start: Option<usize> = None;
     let mut pos = 0;
     while pos < data.len() {

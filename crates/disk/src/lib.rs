@@ -39,7 +39,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 pub use compare::{compare, CompareOutcome};
-pub use convert::{convert, is_zero, ConvertOptions, ConvertProgress};
+pub use convert::{convert, is_zero, write_nonzero, ConvertOptions, ConvertProgress};
 pub use detect::{detect_format, open_disk};
 pub use error::{Error, ErrorKind, Result};
 pub use io::ImageFile;

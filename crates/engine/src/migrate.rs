@@ -373,10 +373,19 @@ fn restore_disk(
     let hashed = Mutex::new(0usize);
     let moved = Condvar::new();
     let (tx, rx) = mpsc::channel::<(usize, Result<Option<Vec<u8>>>)>();
-    let zeros = vec![0u8; d.chunk_size as usize];
-    let mut hasher = Sha256::new();
     let mut error: Option<Error> = None;
-    std::thread::scope(|s| {
+    // SHA-256 of the guest content, in order, on its own thread so that hashing
+    // overlaps writing: it gets each chunk after it is written (None = a zero chunk).
+    let (hash_tx, hash_rx) = mpsc::sync_channel::<(Option<Vec<u8>>, usize)>(window);
+    let digest = std::thread::scope(|s| {
+        let hashing = s.spawn(move || {
+            let zeros = vec![0u8; d.chunk_size as usize];
+            let mut hasher = Sha256::new();
+            for (data, len) in hash_rx {
+                hasher.update(data.as_deref().unwrap_or(&zeros[..len]));
+            }
+            hasher.finalize()
+        });
         for _ in 0..opts.threads {
             let tx = tx.clone();
             let (next, abort, hashed, moved, index) = (&next, &abort, &hashed, &moved, &index);
@@ -426,15 +435,19 @@ fn restore_disk(
                 let Some(data) = pending.remove(&expected) else { break };
                 let range = index.chunk_range(expected);
                 let len = (range.end - range.start) as usize;
-                match &data {
-                    Some(bytes) => {
-                        hasher.update(bytes);
-                        if let Err(e) = writer.write_at(bytes, range.start) {
-                            error = Some(Error::from(e).context(format!("writing chunk {expected}")));
-                        }
+                if let Some(bytes) = &data {
+                    // Zero pieces inside a stored chunk are not written: the new image
+                    // reads them as zero already, and stays as sparse as the source.
+                    let written = tern_disk::write_nonzero(
+                        &mut |piece, at| writer.write_at(piece, at),
+                        bytes,
+                        range.start,
+                    );
+                    if let Err(e) = written {
+                        error = Some(Error::from(e).context(format!("writing chunk {expected}")));
                     }
-                    None => hasher.update(&zeros[..len]),
                 }
+                let _ = hash_tx.send((data, len));
                 observer(MigrateEvent::Progress { disk: d.index, bytes: len as u64 });
                 expected += 1;
             }
@@ -448,10 +461,12 @@ fn restore_disk(
         if error.is_none() && expected != count {
             error = Some(Error::corrupt(format!("only {expected} of {count} chunks arrived")));
         }
+        drop(hash_tx);
+        hashing.join().expect("hashing thread")
     });
     if let Some(e) = error {
         return Err(e);
     }
     writer.finish()?;
-    Ok(hex::encode(hasher.finalize()))
+    Ok(hex::encode(digest))
 }
