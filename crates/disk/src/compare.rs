@@ -31,23 +31,25 @@ pub fn compare(
         let mb = b.mapping(off, want)?;
         let len = ma.length.min(mb.length);
         let n = len as usize;
-        match (ma.kind.reads_as_zero(), mb.kind.reads_as_zero()) {
-            (true, true) => {}
-            (za, zb) => {
-                if !za {
-                    a.read_at(&mut ba[..n], off)?;
-                } else {
-                    ba[..n].fill(0);
-                }
-                if !zb {
-                    b.read_at(&mut bb[..n], off)?;
-                } else {
-                    bb[..n].fill(0);
-                }
-                if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
-                    return Ok(CompareOutcome::Differs { offset: off + i as u64 });
-                }
+        // Word-wise equality and zero checks first; a byte scan only to name the offset.
+        let mismatch = match (ma.kind.reads_as_zero(), mb.kind.reads_as_zero()) {
+            (true, true) => None,
+            (false, true) => {
+                a.read_at(&mut ba[..n], off)?;
+                first_nonzero(&ba[..n])
             }
+            (true, false) => {
+                b.read_at(&mut bb[..n], off)?;
+                first_nonzero(&bb[..n])
+            }
+            (false, false) => {
+                a.read_at(&mut ba[..n], off)?;
+                b.read_at(&mut bb[..n], off)?;
+                (ba[..n] != bb[..n]).then(|| ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y)).flatten()
+            }
+        };
+        if let Some(i) = mismatch {
+            return Ok(CompareOutcome::Differs { offset: off + i as u64 });
         }
         off += len;
         if let Some(p) = progress {
@@ -60,7 +62,7 @@ pub fn compare(
         if !m.kind.reads_as_zero() {
             let n = m.length as usize;
             longer.read_at(&mut ba[..n], off)?;
-            if let Some(i) = ba[..n].iter().position(|&x| x != 0) {
+            if let Some(i) = first_nonzero(&ba[..n]) {
                 return Ok(CompareOutcome::Differs { offset: off + i as u64 });
             }
         }
@@ -70,4 +72,12 @@ pub fn compare(
         }
     }
     Ok(CompareOutcome::Identical)
+}
+
+fn first_nonzero(buf: &[u8]) -> Option<usize> {
+    if crate::is_zero(buf) {
+        None
+    } else {
+        buf.iter().position(|&x| x != 0)
+    }
 }

@@ -3,16 +3,24 @@
 //! Ranges the source maps as zero or unallocated are neither read nor written; data
 //! ranges are read in buffers and every all-zero 64 KiB piece of them is skipped too,
 //! as `qemu-img convert` does by default, so the output is as sparse as the content.
+//!
+//! The disk is copied in aligned pieces. When the output format takes concurrent writes
+//! ([`crate::DiskWriter::concurrent`]), several threads copy pieces at once so that
+//! reading, decompressing and writing overlap; otherwise one thread copies them in order.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use crate::{create_disk, CreateFormat, CreateOptions, Disk, Error, Result};
 
-/// How large one read is. Large enough to amortise per-call costs, small enough that
-/// memory stays flat whatever the disk size.
-const COPY_BUFFER: usize = 2 << 20;
+/// How large one piece (and one read) is. Large enough to amortise per-call costs,
+/// small enough that memory stays flat whatever the disk size.
+const PIECE: u64 = 2 << 20;
 /// Granularity of zero detection inside data runs.
 const ZERO_DETECT: usize = 64 << 10;
+/// Copy threads when the output takes concurrent writes (memory: one piece each).
+const THREADS: usize = 4;
 
 /// Progress report: bytes of the guest handled so far and the total.
 pub type ConvertProgress<'a> = &'a (dyn Fn(u64, u64) + Sync);
@@ -23,7 +31,7 @@ pub struct ConvertOptions<'a> {
     pub format: CreateFormat,
     /// Output virtual size; `None` keeps the source's. Must not be smaller than the source.
     pub virtual_size: Option<u64>,
-    /// Called after every buffer with (done, total).
+    /// Called as pieces complete with (done, total).
     pub progress: Option<ConvertProgress<'a>>,
 }
 
@@ -48,26 +56,29 @@ pub fn convert(src: &dyn Disk, dst: &Path, options: &ConvertOptions<'_>) -> Resu
         ));
     }
     let mut writer = create_disk(dst, &CreateOptions { format: options.format, virtual_size: size })?;
-    let result = copy_into(src, writer.as_mut(), options).and_then(|()| writer.finish());
+    let copied = match writer.concurrent() {
+        Some(w) => copy_parallel(src, &|buf, off| w.write_at(buf, off), options),
+        None => copy_sequential(src, writer.as_mut(), options),
+    };
+    let result = copied.and_then(|()| writer.finish());
     if result.is_err() {
         let _ = std::fs::remove_file(dst);
     }
     result
 }
 
-fn copy_into(src: &dyn Disk, writer: &mut dyn crate::DiskWriter, options: &ConvertOptions<'_>) -> Result<()> {
+fn copy_sequential(
+    src: &dyn Disk,
+    writer: &mut dyn crate::DiskWriter,
+    options: &ConvertOptions<'_>,
+) -> Result<()> {
     let size = src.virtual_size();
-    let mut buf = vec![0u8; COPY_BUFFER];
-    let mut off = 0u64;
+    let mut buf = vec![0u8; PIECE as usize];
+    let mut off = 0;
     while off < size {
-        let m = src.mapping(off, (size - off).min(COPY_BUFFER as u64))?;
-        let len = m.length as usize;
-        if !m.kind.reads_as_zero() {
-            let data = &mut buf[..len];
-            src.read_at(data, off)?;
-            write_nonzero(writer, data, off)?;
-        }
-        off += m.length;
+        let end = (off + PIECE).min(size);
+        copy_piece(src, off..end, &mut buf, &mut |data, at| writer.write_at(data, at))?;
+        off = end;
         if let Some(p) = options.progress {
             p(off, size);
         }
@@ -75,8 +86,69 @@ fn copy_into(src: &dyn Disk, writer: &mut dyn crate::DiskWriter, options: &Conve
     Ok(())
 }
 
+fn copy_parallel(
+    src: &dyn Disk,
+    write: &(dyn Fn(&[u8], u64) -> Result<()> + Sync),
+    options: &ConvertOptions<'_>,
+) -> Result<()> {
+    let size = src.virtual_size();
+    let pieces = size.div_ceil(PIECE);
+    let next = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS.min(pieces.max(1) as usize) {
+            scope.spawn(|| {
+                let mut buf = vec![0u8; PIECE as usize];
+                while !failed.load(Ordering::Relaxed) {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= pieces {
+                        break;
+                    }
+                    let start = n * PIECE;
+                    let end = (start + PIECE).min(size);
+                    if let Err(e) = copy_piece(src, start..end, &mut buf, &mut |data, at| write(data, at)) {
+                        failed.store(true, Ordering::Relaxed);
+                        first_error.lock().expect("error slot").get_or_insert(e);
+                        break;
+                    }
+                    let total = done.fetch_add(end - start, Ordering::Relaxed) + (end - start);
+                    if let Some(p) = options.progress {
+                        p(total, size);
+                    }
+                }
+            });
+        }
+    });
+    match first_error.into_inner().expect("error slot") {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Copy the guest bytes of `range` that are not known or found to be zero.
+fn copy_piece(
+    src: &dyn Disk,
+    range: std::ops::Range<u64>,
+    buf: &mut [u8],
+    write: &mut dyn FnMut(&[u8], u64) -> Result<()>,
+) -> Result<()> {
+    let mut off = range.start;
+    while off < range.end {
+        let m = src.mapping(off, range.end - off)?;
+        if !m.kind.reads_as_zero() {
+            let data = &mut buf[..m.length as usize];
+            src.read_at(data, off)?;
+            write_nonzero(write, data, off)?;
+        }
+        off += m.length;
+    }
+    Ok(())
+}
+
 /// Write the parts of `data` that are not all zero, coalescing adjacent non-zero pieces.
-fn write_nonzero(writer: &mut dyn crate::DiskWriter, data: &[u8], offset: u64) -> Result<()> {
+fn write_nonzero(write: &mut dyn FnMut(&[u8], u64) -> Result<()>, data: &[u8], offset: u64) -> Result<()> {
     let mut run_start: Option<usize> = None;
     let mut pos = 0;
     while pos < data.len() {
@@ -85,7 +157,7 @@ fn write_nonzero(writer: &mut dyn crate::DiskWriter, data: &[u8], offset: u64) -
         match (zero, run_start) {
             (false, None) => run_start = Some(pos),
             (true, Some(s)) => {
-                writer.write_at(&data[s..pos], offset + s as u64)?;
+                write(&data[s..pos], offset + s as u64)?;
                 run_start = None;
             }
             _ => {}
@@ -93,7 +165,7 @@ fn write_nonzero(writer: &mut dyn crate::DiskWriter, data: &[u8], offset: u64) -
         pos = end;
     }
     if let Some(s) = run_start {
-        writer.write_at(&data[s..], offset + s as u64)?;
+        write(&data[s..], offset + s as u64)?;
     }
     Ok(())
 }

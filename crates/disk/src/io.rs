@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
@@ -145,6 +146,23 @@ impl ImageFile {
             Err(e) if e.raw_os_error() == Some(libc_seek::ENXIO) => Ok(None),
             Err(e) => Err(Error::io(&self.path, "seek for data/hole", e)),
         }
+    }
+}
+
+/// Concurrent guest writes into a file that holds the guest bytes at a fixed offset
+/// (raw images, fixed VHDs): a guest write is one `pwrite`, safe from any thread.
+pub(crate) struct FixedLayoutWriter {
+    pub(crate) file: Arc<ImageFile>,
+    /// File offset of guest byte 0.
+    pub(crate) data_offset: u64,
+    /// Guest size in bytes.
+    pub(crate) size: u64,
+}
+
+impl crate::ConcurrentWrite for FixedLayoutWriter {
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        crate::check_range(self.file.path(), offset, buf.len(), self.size)?;
+        self.file.write_all_at(buf, self.data_offset + offset)
     }
 }
 

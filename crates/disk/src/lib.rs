@@ -34,6 +34,7 @@ pub mod vhd;
 pub mod vhdx;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -194,6 +195,20 @@ pub trait DiskWriter: Send {
 
     /// Write the remaining metadata, flush, and fsync. The image is valid only after this.
     fn finish(self: Box<Self>) -> Result<()>;
+
+    /// A handle for writing guest data from several threads at once, offered by formats
+    /// whose guest-to-file mapping is fixed when the image is created (raw, fixed VHD):
+    /// with nothing to allocate there is nothing to lock. `None` for the others.
+    /// Writes through the handle must end before [`DiskWriter::finish`].
+    fn concurrent(&self) -> Option<Arc<dyn ConcurrentWrite>> {
+        None
+    }
+}
+
+/// Guest writes from many threads; see [`DiskWriter::concurrent`].
+pub trait ConcurrentWrite: Send + Sync {
+    /// Write `buf` at guest `offset`; `offset + buf.len()` must not exceed the virtual size.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
 }
 
 /// Create a new image at `path` (which must not exist).

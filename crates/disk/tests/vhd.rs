@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{qemu_img, qemu_info, run, shared_testdata};
+use common::{assert_reads_like_qemu, qemu_img, qemu_info, run, shared_testdata};
 use proptest::prelude::*;
 use tern_disk::{
     collect_map, convert, create_disk, open_disk, ConvertOptions, CreateFormat, CreateOptions, Disk,
@@ -32,38 +32,6 @@ fn open_err(path: &Path, allow_backing: bool) -> tern_disk::Error {
         Ok(_) => panic!("{} opened but should have been refused", path.display()),
         Err(e) => e,
     }
-}
-
-/// `qemu-img convert -f vpc -O raw` into a sparse file in `dir`.
-fn qemu_to_raw(path: &Path, dir: &Path) -> PathBuf {
-    let out = dir.join(format!("{}.oracle.raw", path.file_name().unwrap().to_string_lossy()));
-    let _ = std::fs::remove_file(&out);
-    qemu_img(&["convert", "-f", "vpc", "-O", "raw", s(path), s(&out)]);
-    out
-}
-
-/// Assert tern reads `path` byte-identically to `qemu-img convert -f vpc -O raw`,
-/// streaming in 4 MiB pieces so that large sparse disks need no memory.
-fn assert_reads_like_qemu(path: &Path, dir: &Path) {
-    let disk = open(path);
-    let oracle = qemu_to_raw(path, dir);
-    let theirs = std::fs::File::open(&oracle).unwrap();
-    let their_len = theirs.metadata().unwrap().len();
-    assert_eq!(disk.virtual_size(), their_len, "{}: virtual size differs from qemu-img", path.display());
-    let mut a = vec![0u8; 4 << 20];
-    let mut b = vec![0u8; 4 << 20];
-    let mut off = 0;
-    while off < their_len {
-        let n = (their_len - off).min(a.len() as u64) as usize;
-        disk.read_at(&mut a[..n], off).unwrap();
-        std::os::unix::fs::FileExt::read_exact_at(&theirs, &mut b[..n], off).unwrap();
-        if a[..n] != b[..n] {
-            let i = a[..n].iter().zip(&b[..n]).position(|(x, y)| x != y).unwrap();
-            panic!("{}: content differs from qemu-img at offset {}", path.display(), off + i as u64);
-        }
-        off += n as u64;
-    }
-    std::fs::remove_file(oracle).unwrap();
 }
 
 /// `qemu-img map -f vpc` as (start, length, data, zero).
@@ -707,8 +675,7 @@ proptest! {
         let disk = open(&img);
         prop_assert_eq!(disk.virtual_size(), size);
         prop_assert!(common::tern_raw(disk.as_ref()) == model, "tern reads differ from what was written");
-        let oracle = qemu_to_raw(&img, dir.path());
-        prop_assert!(std::fs::read(&oracle).unwrap() == model, "qemu-img reads differ from what was written");
+        prop_assert!(common::qemu_raw(&img, dir.path()) == model, "qemu-img reads differ from what was written");
     }
 }
 

@@ -43,51 +43,6 @@ fn assert_qemu_compare_equal(a: &Path, fa: &str, b: &Path, fb: &str) {
     );
 }
 
-/// Compare content without holding it in memory: tern converts to raw (sparse, driven
-/// by its map) and qemu-img compares that with the image.
-fn assert_large_reads_like_qemu(img: &Path, dir: &Path) {
-    let disk = open_disk(img, &OpenOptions::read_only()).unwrap();
-    let out = dir.join(format!("{}.tern.raw", img.file_name().unwrap().to_string_lossy()));
-    let _ = std::fs::remove_file(&out);
-    let opts = tern_disk::ConvertOptions {
-        format: tern_disk::CreateFormat::Raw,
-        virtual_size: None,
-        progress: None,
-    };
-    tern_disk::convert(disk.as_ref(), &out, &opts).unwrap();
-    assert_qemu_compare_equal(img, "vhdx", &out, "raw");
-    std::fs::remove_file(&out).unwrap();
-}
-
-/// qemu's VHDX driver reports no block status: `qemu-img map` calls the whole disk
-/// data, so it cannot judge VHDX sparseness (`common::assert_map_like_qemu` would
-/// demand "all data"). Check what the map promises instead, against qemu's reading:
-/// every range tern maps as not data reads as zeros, every non-zero byte is in a
-/// data range, and the map covers the disk.
-fn assert_map_like_qemu(path: &Path, dir: &Path) {
-    let disk = open_disk(path, &OpenOptions::read_only()).unwrap();
-    let content = common::qemu_raw(path, dir);
-    let map = tern_disk::collect_map(disk.as_ref()).unwrap();
-    assert_eq!(
-        map.last().map(|m| m.end()),
-        Some(content.len() as u64),
-        "{}: map does not cover the disk",
-        path.display()
-    );
-    for m in &map {
-        if m.kind != MapKind::Data {
-            let range = &content[m.start as usize..m.end() as usize];
-            if let Some(i) = range.iter().position(|&b| b != 0) {
-                panic!(
-                    "{}: {m:?} is not data but qemu reads a non-zero byte at {}",
-                    path.display(),
-                    m.start + i as u64
-                );
-            }
-        }
-    }
-}
-
 /// A sparse raw file of `size` with `writes` (offset, length, pattern byte).
 fn make_raw(path: &Path, size: u64, writes: &[(u64, u64, u8)]) {
     let f = std::fs::File::create(path).unwrap();
@@ -130,7 +85,7 @@ fn qemu_created_images_read_and_map_like_qemu() {
             qemu_io("vhdx", &img, writes);
         }
         assert_reads_like_qemu(&img, d);
-        assert_map_like_qemu(&img, d);
+        common::assert_map_like_qemu(&img);
         let info = open_disk(&img, &OpenOptions::read_only()).unwrap().info().unwrap();
         assert_eq!(info.format, Format::Vhdx);
         let want = if opts.contains("fixed") { "fixed" } else { "dynamic" };
@@ -157,7 +112,7 @@ fn qemu_converted_images_read_and_map_like_qemu() {
                 let o = format!("subformat={sub},block_size={bs}");
                 qemu_img(&["convert", "-f", "raw", "-O", "vhdx", "-o", &o, s(raw), s(&img)]);
                 assert_reads_like_qemu(&img, d);
-                assert_map_like_qemu(&img, d);
+                common::assert_map_like_qemu(&img);
                 let disk = open_disk(&img, &OpenOptions::read_only()).unwrap();
                 assert_eq!(tern_raw(disk.as_ref()), std::fs::read(raw).unwrap(), "{}", img.display());
             }
@@ -187,7 +142,7 @@ fn qemu_image_above_4_gib_reads_data_past_4_gib() {
     let data: Vec<(u64, u64)> =
         map.iter().filter(|m| m.kind == MapKind::Data).map(|m| (m.start, m.end())).collect();
     assert_eq!(data, vec![(4064 * MIB, 4128 * MIB), (5088 * MIB, 5120 * MIB)], "{map:?}");
-    assert_large_reads_like_qemu(&img, d);
+    assert_reads_like_qemu(&img, d);
 }
 
 // ---------------------------------------------------------------- writer
@@ -231,7 +186,7 @@ fn written_images_pass_qemu_check_and_compare_equal() {
         assert_eq!(info["format"], "vhdx", "{name}");
         assert_eq!(info["virtual-size"].as_u64(), Some(*size), "{name}");
         assert_eq!(info["cluster-size"].as_u64(), Some(*bs), "{name}");
-        assert_map_like_qemu(&img, d);
+        common::assert_map_like_qemu(&img);
         let disk = open_disk(&img, &OpenOptions::read_only()).unwrap();
         assert_eq!(disk.info().unwrap().subformat, "dynamic");
         // Only the blocks holding data were allocated.
@@ -536,7 +491,7 @@ fn pending_log_is_refused_read_only_and_replayed_writable() {
     assert_eq!(tern_raw(disk.as_ref()), expected);
     assert_qemu_check_clean(&img);
     assert_eq!(common::qemu_raw(&img, d), expected);
-    assert_map_like_qemu(&img, d);
+    common::assert_map_like_qemu(&img);
 }
 
 #[test]

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use crate::io::ImageFile;
+use std::sync::Arc;
+
+use crate::io::{FixedLayoutWriter, ImageFile};
 use crate::{check_range, Disk, Error, Format, ImageInfo, MapKind, Mapping, Result};
 
 /// An open raw image (a regular file or a block device).
@@ -81,7 +83,7 @@ impl Disk for RawDisk {
 /// get blocks.
 #[derive(Debug)]
 pub struct RawWriter {
-    file: ImageFile,
+    file: Arc<ImageFile>,
     size: u64,
 }
 
@@ -90,7 +92,7 @@ impl RawWriter {
     pub fn create(path: &Path, size: u64) -> Result<Self> {
         let file = ImageFile::create_new(path)?;
         file.set_len(size)?;
-        Ok(RawWriter { file, size })
+        Ok(RawWriter { file: Arc::new(file), size })
     }
 }
 
@@ -106,5 +108,9 @@ impl crate::DiskWriter for RawWriter {
 
     fn finish(self: Box<Self>) -> Result<()> {
         self.file.sync()
+    }
+
+    fn concurrent(&self) -> Option<Arc<dyn crate::ConcurrentWrite>> {
+        Some(Arc::new(FixedLayoutWriter { file: self.file.clone(), data_offset: 0, size: self.size }))
     }
 }

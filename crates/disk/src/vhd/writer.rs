@@ -17,6 +17,7 @@
 //! specification's algorithm for tools that want it.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use super::bat::{self, BlockLayout, SECTOR, UNALLOCATED};
 use super::dynamic_header::DynamicHeader;
@@ -24,7 +25,7 @@ use super::footer::{
     DiskType, Footer, Geometry, FEATURES_RESERVED, FOOTER_SIZE, FORMAT_VERSION, MAX_DISK_SECTORS,
     NO_DATA_OFFSET, VHD_EPOCH_UNIX,
 };
-use crate::io::ImageFile;
+use crate::io::{FixedLayoutWriter, ImageFile};
 use crate::{check_range, Error, Result};
 
 /// Block size of the dynamic disks tern writes: the specification's default, and what
@@ -39,7 +40,7 @@ const BITMAP_CACHE: usize = 64;
 
 /// Writes a new VHD image.
 pub struct VhdWriter {
-    file: ImageFile,
+    file: Arc<ImageFile>,
     size: u64,
     footer: Footer,
     dynamic: Option<DynamicState>,
@@ -70,7 +71,7 @@ impl VhdWriter {
             bitmaps: Vec::new(),
         };
         let footer = new_footer(size, DiskType::Dynamic, HEADER_OFFSET);
-        Ok(VhdWriter { file, size, footer, dynamic: Some(dynamic) })
+        Ok(VhdWriter { file: Arc::new(file), size, footer, dynamic: Some(dynamic) })
     }
 
     /// Create a fixed VHD at `path` (which must not exist). The size is rounded up to
@@ -80,7 +81,7 @@ impl VhdWriter {
         let file = ImageFile::create_new(path)?;
         file.set_len(size + FOOTER_SIZE as u64)?;
         let footer = new_footer(size, DiskType::Fixed, NO_DATA_OFFSET);
-        Ok(VhdWriter { file, size, footer, dynamic: None })
+        Ok(VhdWriter { file: Arc::new(file), size, footer, dynamic: None })
     }
 
     /// The file offset of the data of `block`, allocating the block if needed.
@@ -236,5 +237,15 @@ impl crate::DiskWriter for VhdWriter {
             }
         }
         self.file.sync()
+    }
+
+    fn concurrent(&self) -> Option<Arc<dyn crate::ConcurrentWrite>> {
+        // A fixed VHD is the guest bytes from offset 0, then the footer.
+        match self.dynamic {
+            None => {
+                Some(Arc::new(FixedLayoutWriter { file: self.file.clone(), data_offset: 0, size: self.size }))
+            }
+            Some(_) => None,
+        }
     }
 }

@@ -1,0 +1,629 @@
+//! The state database: SQLite under the data directory (docs/formats/state-db.md).
+//!
+//! It is a cache of the store plus replication progress: losing it loses no replicated
+//! data (points are found again by reading manifests). The schema version is SQLite's
+//! `PRAGMA user_version`; [`StateDb::open`] upgrades older schemas in order and refuses
+//! newer ones. WAL mode lets `tern status` read while a replication writes.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::vm::{Firmware, VmDef};
+use crate::{Error, ErrorKind, Result};
+
+/// Schema version this build writes. NEVER reuse a number: each version's DDL is kept
+/// in [`MIGRATIONS`] so that any older database can be upgraded.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[
+    // Version 1.
+    r#"
+    CREATE TABLE vms (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        cpus INTEGER NOT NULL,
+        memory_bytes INTEGER NOT NULL,
+        firmware TEXT NOT NULL CHECK (firmware IN ('bios', 'uefi')),
+        created TEXT NOT NULL
+    );
+    CREATE TABLE vm_disks (
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        disk INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        PRIMARY KEY (vm_id, disk)
+    );
+    CREATE TABLE replications (
+        vm_id TEXT NOT NULL,
+        point_id TEXT NOT NULL,
+        store_url TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('running', 'done')),
+        instant TEXT NOT NULL,
+        chunk_size INTEGER NOT NULL,
+        run_started TEXT,
+        run_base_bytes INTEGER NOT NULL DEFAULT 0,
+        finished TEXT,
+        PRIMARY KEY (vm_id, point_id)
+    );
+    CREATE TABLE replication_disks (
+        vm_id TEXT NOT NULL,
+        point_id TEXT NOT NULL,
+        disk INTEGER NOT NULL,
+        source_path TEXT NOT NULL,
+        read_path TEXT NOT NULL,
+        snapshot_kind TEXT NOT NULL CHECK (snapshot_kind IN ('reflink', 'in-place')),
+        source_format TEXT NOT NULL,
+        virtual_size INTEGER NOT NULL,
+        bytes_done INTEGER NOT NULL DEFAULT 0,
+        bytes_uploaded INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'copying', 'done')),
+        PRIMARY KEY (vm_id, point_id, disk),
+        FOREIGN KEY (vm_id, point_id) REFERENCES replications(vm_id, point_id) ON DELETE CASCADE
+    );
+    CREATE TABLE chunk_progress (
+        vm_id TEXT NOT NULL,
+        point_id TEXT NOT NULL,
+        disk INTEGER NOT NULL,
+        chunk INTEGER NOT NULL,
+        address BLOB,
+        PRIMARY KEY (vm_id, point_id, disk, chunk)
+    ) WITHOUT ROWID;
+    CREATE TABLE points (
+        vm_id TEXT NOT NULL,
+        point_id TEXT NOT NULL,
+        store_url TEXT NOT NULL,
+        instant TEXT NOT NULL,
+        manifest TEXT NOT NULL,
+        PRIMARY KEY (store_url, vm_id, point_id)
+    );
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    "#,
+];
+
+/// The open state database. One connection behind a mutex: writers are few (one
+/// replication's progress writer, CLI commands) and SQLite serializes them anyway.
+#[derive(Debug)]
+pub struct StateDb {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+/// A replication as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationRow {
+    /// VM id.
+    pub vm_id: String,
+    /// The point this replication will create.
+    pub point_id: String,
+    /// The store it writes to.
+    pub store_url: String,
+    /// `running` or `done`.
+    pub state: String,
+    /// The snapshot instant (RFC 3339).
+    pub instant: String,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// When the current (or last) run of `tern replicate` started (RFC 3339).
+    pub run_started: Option<String>,
+    /// Bytes done when that run started (for the rate).
+    pub run_base_bytes: u64,
+    /// When the point was committed.
+    pub finished: Option<String>,
+}
+
+/// One disk of a replication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationDiskRow {
+    /// Disk number in the VM.
+    pub disk: u32,
+    /// The VM's image.
+    pub source_path: PathBuf,
+    /// What is read: the reflink snapshot, or the image itself.
+    pub read_path: PathBuf,
+    /// `reflink` or `in-place`.
+    pub snapshot_kind: String,
+    /// Detected format of the source.
+    pub source_format: String,
+    /// Guest size in bytes.
+    pub virtual_size: u64,
+    /// Guest bytes whose chunk is recorded.
+    pub bytes_done: u64,
+    /// Envelope bytes uploaded (after dedup).
+    pub bytes_uploaded: u64,
+    /// `pending`, `copying` or `done`.
+    pub state: String,
+}
+
+/// A recovery point as cached locally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointRow {
+    /// VM id.
+    pub vm_id: String,
+    /// Point id.
+    pub point_id: String,
+    /// Store URL.
+    pub store_url: String,
+    /// Instant (RFC 3339).
+    pub instant: String,
+    /// The manifest JSON.
+    pub manifest: String,
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::invalid(format!("{what} {v} is too large for the state database")))
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl StateDb {
+    /// Open (creating if needed) the database at `path` and bring its schema up to date.
+    pub fn open(path: &Path) -> Result<StateDb> {
+        let ctx =
+            |e: rusqlite::Error| Error::new(ErrorKind::Io, format!("state database {}: {e}", path.display()));
+        let conn = Connection::open(path).map_err(ctx)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(ctx)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(ctx)?;
+        conn.pragma_update(None, "foreign_keys", true).map_err(ctx)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(ctx)?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(ctx)?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "state database {} has schema version {version}; this tern knows up to {SCHEMA_VERSION}: use a newer tern",
+                    path.display()
+                ),
+            ));
+        }
+        for (i, ddl) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+            let tx = conn.unchecked_transaction().map_err(ctx)?;
+            tx.execute_batch(ddl).map_err(ctx)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1).map_err(ctx)?;
+            tx.commit().map_err(ctx)?;
+        }
+        Ok(StateDb { conn: Mutex::new(conn), path: path.to_path_buf() })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions
+        // roll back), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ---- VMs ----
+
+    /// Register a VM; its name must be new.
+    pub fn vm_add(&self, vm: &VmDef) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let exists: Option<String> =
+            tx.query_row("SELECT id FROM vms WHERE name = ?1", [&vm.name], |r| r.get(0)).optional()?;
+        if exists.is_some() {
+            return Err(Error::invalid(format!("a VM named {:?} already exists", vm.name)));
+        }
+        tx.execute(
+            "INSERT INTO vms (id, name, cpus, memory_bytes, firmware, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![vm.id, vm.name, vm.cpus, to_i64(vm.memory_bytes, "memory")?, vm.firmware.name(), crate::now_rfc3339()],
+        )?;
+        for (i, p) in vm.disks.iter().enumerate() {
+            let path = p
+                .to_str()
+                .ok_or_else(|| Error::invalid(format!("disk path {} is not UTF-8", p.display())))?;
+            tx.execute(
+                "INSERT INTO vm_disks (vm_id, disk, path) VALUES (?1, ?2, ?3)",
+                params![vm.id, i as i64, path],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn vm_from_row(
+        c: &Connection,
+        id: String,
+        name: String,
+        cpus: i64,
+        mem: i64,
+        fw: String,
+    ) -> Result<VmDef> {
+        let mut st = c.prepare("SELECT path FROM vm_disks WHERE vm_id = ?1 ORDER BY disk")?;
+        let disks = st.query_map([&id], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        Ok(VmDef {
+            id,
+            name,
+            cpus: u32::try_from(cpus).unwrap_or(1),
+            memory_bytes: to_u64(mem),
+            firmware: Firmware::parse(&fw)?,
+            disks: disks.into_iter().map(PathBuf::from).collect(),
+        })
+    }
+
+    /// The VM named `name`.
+    pub fn vm_get(&self, name: &str) -> Result<Option<VmDef>> {
+        let c = self.conn();
+        let row = c
+            .query_row(
+                "SELECT id, name, cpus, memory_bytes, firmware FROM vms WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .optional()?;
+        match row {
+            None => Ok(None),
+            Some((id, name, cpus, mem, fw)) => Ok(Some(Self::vm_from_row(&c, id, name, cpus, mem, fw)?)),
+        }
+    }
+
+    /// Every VM, by name.
+    pub fn vm_list(&self) -> Result<Vec<VmDef>> {
+        let c = self.conn();
+        let mut st = c.prepare("SELECT id, name, cpus, memory_bytes, firmware FROM vms ORDER BY name")?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(id, name, cpus, mem, fw)| Self::vm_from_row(&c, id, name, cpus, mem, fw))
+            .collect()
+    }
+
+    /// Forget a VM and its local replication progress. Stored points stay in the store.
+    pub fn vm_remove(&self, name: &str) -> Result<VmDef> {
+        let vm = self
+            .vm_get(name)?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no VM named {name:?}")))?;
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute("DELETE FROM chunk_progress WHERE vm_id = ?1", [&vm.id])?;
+        tx.execute("DELETE FROM replications WHERE vm_id = ?1", [&vm.id])?;
+        tx.execute("DELETE FROM vms WHERE id = ?1", [&vm.id])?;
+        tx.commit()?;
+        Ok(vm)
+    }
+
+    // ---- Replications ----
+
+    fn replication_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReplicationRow> {
+        Ok(ReplicationRow {
+            vm_id: r.get(0)?,
+            point_id: r.get(1)?,
+            store_url: r.get(2)?,
+            state: r.get(3)?,
+            instant: r.get(4)?,
+            chunk_size: r.get(5)?,
+            run_started: r.get(6)?,
+            run_base_bytes: to_u64(r.get(7)?),
+            finished: r.get(8)?,
+        })
+    }
+
+    const REPL_COLS: &'static str =
+        "vm_id, point_id, store_url, state, instant, chunk_size, run_started, run_base_bytes, finished";
+
+    /// The unfinished replication of `vm_id` to `store_url`, if any.
+    pub fn running_replication(&self, vm_id: &str, store_url: &str) -> Result<Option<ReplicationRow>> {
+        let c = self.conn();
+        let sql = format!(
+            "SELECT {} FROM replications WHERE vm_id = ?1 AND store_url = ?2 AND state = 'running'",
+            Self::REPL_COLS
+        );
+        Ok(c.query_row(&sql, [vm_id, store_url], Self::replication_from).optional()?)
+    }
+
+    /// The most recent replication of `vm_id` (running or done), for `tern status`.
+    pub fn last_replication(&self, vm_id: &str) -> Result<Option<ReplicationRow>> {
+        let c = self.conn();
+        let sql = format!(
+            "SELECT {} FROM replications WHERE vm_id = ?1 ORDER BY (state = 'running') DESC, point_id DESC LIMIT 1",
+            Self::REPL_COLS
+        );
+        Ok(c.query_row(&sql, [vm_id], Self::replication_from).optional()?)
+    }
+
+    /// Record a new replication and its disks.
+    pub fn start_replication(&self, row: &ReplicationRow, disks: &[ReplicationDiskRow]) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute(
+            "INSERT INTO replications (vm_id, point_id, store_url, state, instant, chunk_size) VALUES (?1, ?2, ?3, 'running', ?4, ?5)",
+            params![row.vm_id, row.point_id, row.store_url, row.instant, row.chunk_size],
+        )?;
+        for d in disks {
+            tx.execute(
+                "INSERT INTO replication_disks (vm_id, point_id, disk, source_path, read_path, snapshot_kind, source_format, virtual_size, state) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending')",
+                params![
+                    row.vm_id,
+                    row.point_id,
+                    d.disk,
+                    d.source_path.to_string_lossy(),
+                    d.read_path.to_string_lossy(),
+                    d.snapshot_kind,
+                    d.source_format,
+                    to_i64(d.virtual_size, "disk size")?
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Drop an unfinished replication whose snapshot is gone, with its progress.
+    pub fn finish_abandoned(&self, vm_id: &str, point_id: &str) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute(
+            "DELETE FROM chunk_progress WHERE vm_id = ?1 AND point_id = ?2",
+            params![vm_id, point_id],
+        )?;
+        tx.execute("DELETE FROM replications WHERE vm_id = ?1 AND point_id = ?2", params![vm_id, point_id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Mark the start of a run (first or resumed), for the rate in `tern status`.
+    pub fn mark_run_started(&self, vm_id: &str, point_id: &str) -> Result<()> {
+        let c = self.conn();
+        c.execute(
+            "UPDATE replications SET run_started = ?3, run_base_bytes = \
+             (SELECT COALESCE(SUM(bytes_done), 0) FROM replication_disks WHERE vm_id = ?1 AND point_id = ?2) \
+             WHERE vm_id = ?1 AND point_id = ?2",
+            params![vm_id, point_id, crate::now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    /// The disks of a replication, in order.
+    pub fn replication_disks(&self, vm_id: &str, point_id: &str) -> Result<Vec<ReplicationDiskRow>> {
+        let c = self.conn();
+        let mut st = c.prepare(
+            "SELECT disk, source_path, read_path, snapshot_kind, source_format, virtual_size, bytes_done, bytes_uploaded, state \
+             FROM replication_disks WHERE vm_id = ?1 AND point_id = ?2 ORDER BY disk",
+        )?;
+        let rows = st
+            .query_map([vm_id, point_id], |r| {
+                Ok(ReplicationDiskRow {
+                    disk: r.get(0)?,
+                    source_path: PathBuf::from(r.get::<_, String>(1)?),
+                    read_path: PathBuf::from(r.get::<_, String>(2)?),
+                    snapshot_kind: r.get(3)?,
+                    source_format: r.get(4)?,
+                    virtual_size: to_u64(r.get(5)?),
+                    bytes_done: to_u64(r.get(6)?),
+                    bytes_uploaded: to_u64(r.get(7)?),
+                    state: r.get(8)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Set a disk's state.
+    pub fn set_disk_state(&self, vm_id: &str, point_id: &str, disk: u32, state: &str) -> Result<()> {
+        let c = self.conn();
+        c.execute(
+            "UPDATE replication_disks SET state = ?4 WHERE vm_id = ?1 AND point_id = ?2 AND disk = ?3",
+            params![vm_id, point_id, disk, state],
+        )?;
+        Ok(())
+    }
+
+    /// Record completed chunks in one transaction: `(chunk, address or None for zero,
+    /// guest bytes, uploaded bytes)`.
+    pub fn record_chunks(
+        &self,
+        vm_id: &str,
+        point_id: &str,
+        disk: u32,
+        chunks: &[(u64, Option<[u8; 32]>, u64, u64)],
+    ) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        let (mut done, mut up) = (0u64, 0u64);
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT OR IGNORE INTO chunk_progress (vm_id, point_id, disk, chunk, address) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for (n, addr, guest, uploaded) in chunks {
+                let changed = st.execute(params![
+                    vm_id,
+                    point_id,
+                    disk,
+                    to_i64(*n, "chunk")?,
+                    addr.map(|a| a.to_vec())
+                ])?;
+                if changed == 1 {
+                    done += guest;
+                    up += uploaded;
+                }
+            }
+        }
+        tx.execute(
+            "UPDATE replication_disks SET bytes_done = bytes_done + ?4, bytes_uploaded = bytes_uploaded + ?5 \
+             WHERE vm_id = ?1 AND point_id = ?2 AND disk = ?3",
+            params![vm_id, point_id, disk, to_i64(done, "bytes")?, to_i64(up, "bytes")?],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Recorded chunks of a disk: `(chunk, address or None for zero)`.
+    pub fn recorded_chunks(
+        &self,
+        vm_id: &str,
+        point_id: &str,
+        disk: u32,
+    ) -> Result<Vec<(u64, Option<[u8; 32]>)>> {
+        let c = self.conn();
+        let mut st = c.prepare(
+            "SELECT chunk, address FROM chunk_progress WHERE vm_id = ?1 AND point_id = ?2 AND disk = ?3 ORDER BY chunk",
+        )?;
+        let rows = st
+            .query_map(params![vm_id, point_id, disk], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Option<Vec<u8>>>(1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(n, a)| {
+                let addr = match a {
+                    None => None,
+                    Some(v) => Some(<[u8; 32]>::try_from(v.as_slice()).map_err(|_| {
+                        Error::corrupt(format!(
+                            "state database: chunk {n} of disk {disk} has a malformed address"
+                        ))
+                    })?),
+                };
+                Ok((to_u64(n), addr))
+            })
+            .collect()
+    }
+
+    /// Commit a finished replication: mark it done, cache its point, drop its progress.
+    pub fn finish_replication(&self, point: &PointRow) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute(
+            "UPDATE replications SET state = 'done', finished = ?3 WHERE vm_id = ?1 AND point_id = ?2",
+            params![point.vm_id, point.point_id, crate::now_rfc3339()],
+        )?;
+        tx.execute(
+            "UPDATE replication_disks SET state = 'done' WHERE vm_id = ?1 AND point_id = ?2",
+            params![point.vm_id, point.point_id],
+        )?;
+        tx.execute(
+            "DELETE FROM chunk_progress WHERE vm_id = ?1 AND point_id = ?2",
+            params![point.vm_id, point.point_id],
+        )?;
+        Self::insert_point(&tx, point)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn insert_point(c: &Connection, p: &PointRow) -> Result<()> {
+        c.execute(
+            "INSERT OR REPLACE INTO points (vm_id, point_id, store_url, instant, manifest) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![p.vm_id, p.point_id, p.store_url, p.instant, p.manifest],
+        )?;
+        Ok(())
+    }
+
+    /// Cache a point read from the store.
+    pub fn cache_point(&self, p: &PointRow) -> Result<()> {
+        Self::insert_point(&self.conn(), p)
+    }
+
+    // ---- Settings ----
+
+    /// A setting's JSON value.
+    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Set a setting's JSON value.
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str) -> VmDef {
+        VmDef {
+            id: crate::vm::new_vm_id().unwrap(),
+            name: name.into(),
+            cpus: 2,
+            memory_bytes: 1 << 30,
+            firmware: Firmware::Uefi,
+            disks: vec!["/a.img".into(), "/b.qcow2".into()],
+        }
+    }
+
+    #[test]
+    fn schema_is_versioned_and_reopens() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.db");
+        let db = StateDb::open(&p).unwrap();
+        db.vm_add(&vm("one")).unwrap();
+        drop(db);
+        let db = StateDb::open(&p).unwrap();
+        assert_eq!(db.vm_list().unwrap().len(), 1);
+        let v: i64 = db.conn().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        db.conn().pragma_update(None, "user_version", 99).unwrap();
+        drop(db);
+        assert!(StateDb::open(&p).unwrap_err().to_string().contains("schema version 99"));
+    }
+
+    #[test]
+    fn vms_round_trip_and_names_are_unique() {
+        let d = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&d.path().join("t.db")).unwrap();
+        let a = vm("a");
+        db.vm_add(&a).unwrap();
+        assert!(db.vm_add(&vm("a")).unwrap_err().to_string().contains("already exists"));
+        assert_eq!(db.vm_get("a").unwrap().unwrap(), a);
+        db.vm_remove("a").unwrap();
+        assert!(db.vm_get("a").unwrap().is_none());
+        assert_eq!(db.vm_remove("a").unwrap_err().kind(), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn progress_counts_each_chunk_once() {
+        let d = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&d.path().join("t.db")).unwrap();
+        let a = vm("a");
+        db.vm_add(&a).unwrap();
+        let row = ReplicationRow {
+            vm_id: a.id.clone(),
+            point_id: "p1".into(),
+            store_url: "file:///s".into(),
+            state: "running".into(),
+            instant: crate::now_rfc3339(),
+            chunk_size: 65536,
+            run_started: None,
+            run_base_bytes: 0,
+            finished: None,
+        };
+        let disk = ReplicationDiskRow {
+            disk: 0,
+            source_path: "/a.img".into(),
+            read_path: "/a.img".into(),
+            snapshot_kind: "in-place".into(),
+            source_format: "raw".into(),
+            virtual_size: 1 << 20,
+            bytes_done: 0,
+            bytes_uploaded: 0,
+            state: "pending".into(),
+        };
+        db.start_replication(&row, std::slice::from_ref(&disk)).unwrap();
+        db.record_chunks(&a.id, "p1", 0, &[(0, None, 65536, 0), (1, Some([7; 32]), 65536, 100)]).unwrap();
+        db.record_chunks(&a.id, "p1", 0, &[(1, Some([7; 32]), 65536, 100)]).unwrap();
+        let disks = db.replication_disks(&a.id, "p1").unwrap();
+        assert_eq!(disks[0].bytes_done, 131072);
+        assert_eq!(disks[0].bytes_uploaded, 100);
+        assert_eq!(db.recorded_chunks(&a.id, "p1", 0).unwrap(), vec![(0, None), (1, Some([7; 32]))]);
+        assert_eq!(db.running_replication(&a.id, "file:///s").unwrap().unwrap().point_id, "p1");
+    }
+}

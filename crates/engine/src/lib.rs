@@ -1,0 +1,77 @@
+//! tern's engine: everything between the `tern` command line and the store.
+//!
+//! - [`Engine`]: the data directory, key, state database and store of one host, opened
+//!   once per command ([`EngineOptions`] carries `--data-dir`, `--key-file`, `--store`).
+//! - [`replicate`]: snapshot -> read -> chunk -> dedup -> upload, N workers per disk,
+//!   resumable at chunk granularity; indexes, then the manifest, last.
+//! - [`migrate`]: point -> verified chunks -> a disk image in any format, plus a
+//!   libvirt domain and an Azure ARM template.
+//! - [`verify`]: every object every point references exists (and, optionally, opens).
+//! - [`throttle`]: the per-host bandwidth schedule and its token bucket.
+//!
+//! Invariants:
+//! - A point exists iff its manifest exists; the manifest is written after every index,
+//!   and every index after every chunk it references.
+//! - Every byte migration writes was authenticated and hashed to its address; on any
+//!   error no output image is left under its final name.
+//! - Memory is bounded by threads x chunk size plus one index per disk, never by disk
+//!   size or content.
+//! - The state database is a cache plus progress: a store and its key are enough to
+//!   migrate from another machine.
+
+mod catalog;
+mod db;
+mod engine;
+mod error;
+mod manifest;
+mod migrate;
+mod paths;
+mod replicate;
+pub mod sample;
+pub mod snapshot;
+pub mod throttle;
+mod verify;
+mod vm;
+mod vmdef;
+
+pub use catalog::{find_vm, list_points, PointInfo};
+pub use db::{PointRow, ReplicationDiskRow, ReplicationRow, StateDb, SCHEMA_VERSION};
+pub use engine::{Engine, EngineOptions};
+pub use error::{Error, ErrorKind, Result};
+pub use manifest::{
+    check_point_id, new_point_id, Manifest, ManifestDisk, ManifestVm, MANIFEST_FORMAT, MANIFEST_VERSION,
+};
+pub use migrate::{
+    migrate, MigrateEvent, MigrateFormat, MigrateOptions, MigrateReport, MigratedDisk, PointSelector,
+};
+pub use paths::DataDir;
+pub use replicate::{
+    check_threads, replicate, DiskReport, ReplicateEvent, ReplicateOptions, ReplicateReport,
+};
+pub use verify::{verify, Problem, VerifyOptions, VerifyReport};
+pub use vm::{check_name, new_vm_id, Firmware, VmDef};
+pub use vmdef::{arm_template, libvirt_xml};
+
+/// Default upload / fetch workers per disk.
+pub const DEFAULT_THREADS: usize = 4;
+/// Most workers per disk.
+pub const MAX_THREADS: usize = 32;
+
+/// Fill `buf` from the operating system's secure random source.
+pub(crate) fn random_bytes(buf: &mut [u8]) -> Result<()> {
+    use ring::rand::{SecureRandom, SystemRandom};
+    SystemRandom::new()
+        .fill(buf)
+        .map_err(|_| Error::new(ErrorKind::Io, "the system has no randomness to offer"))
+}
+
+/// The current instant as RFC 3339 UTC.
+pub(crate) fn now_rfc3339() -> String {
+    rfc3339(time::OffsetDateTime::now_utc())
+}
+
+/// An instant as RFC 3339 UTC, whole seconds.
+pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC).replace_nanosecond(0).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}

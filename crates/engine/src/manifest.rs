@@ -1,0 +1,209 @@
+//! Recovery point manifests (docs/formats/manifest.md): JSON, sealed in an envelope
+//! of kind `Manifest`, written last so that a point exists iff its manifest does.
+
+use serde::{Deserialize, Serialize};
+use tern_chunk::{chunk_address, open_envelope, seal, BaseIndex, Key, ObjectKind};
+
+use crate::vm::Firmware;
+use crate::{Error, Result};
+
+/// The `format` field. NEVER CHANGE.
+pub const MANIFEST_FORMAT: &str = "tern-manifest";
+/// The version this build writes; readers refuse versions they do not know.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// The VM as recorded in a point: enough to recreate it elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestVm {
+    /// VM id (names the store prefix).
+    pub id: String,
+    /// VM name.
+    pub name: String,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+    /// Firmware.
+    pub firmware: Firmware,
+}
+
+/// One disk of a point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestDisk {
+    /// Disk number in the VM (0 boots); names the index object.
+    pub index: u32,
+    /// File name of the source image (no directories), for naming outputs.
+    pub source_name: String,
+    /// Format of the source image (`raw`, `qcow2`, `vhd`, `vhdx`).
+    pub source_format: String,
+    /// Guest size in bytes.
+    pub virtual_size: u64,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Number of chunks (= ceil(virtual_size / chunk_size)).
+    pub chunk_count: u64,
+    /// Chunks that are not zero (have an object).
+    pub data_chunks: u64,
+    /// Keyed BLAKE3 (the store key's address subkey) of the encoded base index, hex.
+    pub index_digest: String,
+}
+
+/// A recovery point manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`MANIFEST_FORMAT`].
+    pub format: String,
+    /// [`MANIFEST_VERSION`].
+    pub version: u32,
+    /// The point id: sortable, `YYYYMMDDTHHMMSSZ-` and 8 random hex digits.
+    pub point_id: String,
+    /// The instant the disks are as of (RFC 3339, UTC).
+    pub instant: String,
+    /// The VM.
+    pub vm: ManifestVm,
+    /// Every disk, in order.
+    pub disks: Vec<ManifestDisk>,
+}
+
+/// A new sortable point id for `instant`.
+pub fn new_point_id(instant: time::OffsetDateTime) -> Result<String> {
+    let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+    let ts = instant
+        .to_offset(time::UtcOffset::UTC)
+        .format(&fmt)
+        .map_err(|e| Error::invalid(format!("formatting a point id: {e}")))?;
+    let mut r = [0u8; 4];
+    crate::random_bytes(&mut r)?;
+    Ok(format!("{ts}-{}", hex::encode(r)))
+}
+
+/// Check a point id's shape (it becomes part of object names).
+pub fn check_point_id(id: &str) -> Result<()> {
+    let ok = id.len() == 25
+        && id.bytes().enumerate().all(|(i, b)| match i {
+            8 => b == b'T',
+            15 => b == b'Z',
+            16 => b == b'-',
+            17..=24 => b.is_ascii_hexdigit() && !b.is_ascii_uppercase(),
+            _ => b.is_ascii_digit(),
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!("{id:?} is not a point id (like 20260101T120000Z-0a1b2c3d)")))
+    }
+}
+
+/// The digest recorded for an encoded index.
+pub fn index_digest(key: &Key, index: &BaseIndex) -> String {
+    chunk_address(key, &index.encode()).to_hex()
+}
+
+impl Manifest {
+    /// Seal into an envelope.
+    pub fn seal(&self, key: &Key) -> Result<Vec<u8>> {
+        let json = serde_json::to_vec(self).map_err(|e| Error::invalid(format!("encoding manifest: {e}")))?;
+        Ok(seal(key, ObjectKind::Manifest, &json, 3)?)
+    }
+
+    /// Open an envelope and check every field that later code relies on.
+    pub fn open(key: &Key, envelope: &[u8]) -> Result<Manifest> {
+        let json = open_envelope(key, ObjectKind::Manifest, envelope)?;
+        let m: Manifest = serde_json::from_slice(&json)
+            .map_err(|e| Error::corrupt(format!("manifest is not valid: {e}")))?;
+        m.check()?;
+        Ok(m)
+    }
+
+    /// Structural checks: format, version, disk numbering, sizes.
+    pub fn check(&self) -> Result<()> {
+        if self.format != MANIFEST_FORMAT {
+            return Err(Error::corrupt(format!(
+                "manifest format is {:?}, expected {MANIFEST_FORMAT:?}",
+                self.format
+            )));
+        }
+        if self.version != MANIFEST_VERSION {
+            return Err(Error::corrupt(format!(
+                "manifest version {} is not supported (this tern reads version {MANIFEST_VERSION})",
+                self.version
+            )));
+        }
+        check_point_id(&self.point_id).map_err(|e| Error::corrupt(format!("manifest: {e}")))?;
+        crate::vm::check_name(&self.vm.name).map_err(|e| Error::corrupt(format!("manifest: {e}")))?;
+        if self.disks.is_empty() {
+            return Err(Error::corrupt(format!("manifest of point {} lists no disks", self.point_id)));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if d.index as usize != i {
+                return Err(Error::corrupt(format!("manifest disk {i} says it is disk {}", d.index)));
+            }
+            if d.chunk_size == 0 || d.chunk_count != d.virtual_size.div_ceil(d.chunk_size as u64) {
+                return Err(Error::corrupt(format!(
+                    "manifest disk {i}: {} chunks of {} bytes do not cover {} bytes",
+                    d.chunk_count, d.chunk_size, d.virtual_size
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn point_ids_sort_by_time_and_check() {
+        let t1 = time::macros::datetime!(2026-01-02 03:04:05 UTC);
+        let t2 = time::macros::datetime!(2026-01-02 03:04:06 UTC);
+        let a = new_point_id(t1).unwrap();
+        let b = new_point_id(t2).unwrap();
+        assert!(a.starts_with("20260102T030405Z-"));
+        assert!(a < b);
+        check_point_id(&a).unwrap();
+        for bad in ["", "../x", "20260102T030405Z-0A1B2C3D", "20260102T030405Z_0a1b2c3d"] {
+            assert!(check_point_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn seal_open_and_refusals() {
+        let key = Key::from_bytes([3; 32]);
+        let m = Manifest {
+            format: MANIFEST_FORMAT.into(),
+            version: 1,
+            point_id: "20260102T030405Z-0a1b2c3d".into(),
+            instant: "2026-01-02T03:04:05Z".into(),
+            vm: ManifestVm {
+                id: "ab".into(),
+                name: "web".into(),
+                cpus: 2,
+                memory_bytes: 1 << 30,
+                firmware: Firmware::Bios,
+            },
+            disks: vec![ManifestDisk {
+                index: 0,
+                source_name: "web.qcow2".into(),
+                source_format: "qcow2".into(),
+                virtual_size: 10 << 20,
+                chunk_size: 4 << 20,
+                chunk_count: 3,
+                data_chunks: 1,
+                index_digest: "00".into(),
+            }],
+        };
+        let env = m.seal(&key).unwrap();
+        assert_eq!(Manifest::open(&key, &env).unwrap(), m);
+        assert!(Manifest::open(&Key::from_bytes([4; 32]), &env).is_err());
+        let mut bad = m.clone();
+        bad.version = 2;
+        assert!(Manifest::open(&key, &bad.seal(&key).unwrap())
+            .unwrap_err()
+            .to_string()
+            .contains("version 2"));
+        let mut bad = m;
+        bad.disks[0].chunk_count = 2;
+        assert!(Manifest::open(&key, &bad.seal(&key).unwrap()).is_err());
+    }
+}

@@ -1,0 +1,450 @@
+//! Migrate: a recovery point -> disk images in a target format plus VM definitions.
+//!
+//! Every chunk is fetched by N workers and verified (authenticated, and hashed back to
+//! its address by `open_chunk`); the writer applies them and hashes the guest content
+//! in order (SHA-256, zero chunks hashed as zeros). Workers may run at most a window
+//! of chunks ahead of the hash, which bounds memory to about 2 x threads chunks.
+//!
+//! Outputs are written under `<name>.partial` and renamed once complete; on any error
+//! every output of the run is removed, so a wrong image never carries a final name.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Condvar, Mutex};
+
+use sha2::{Digest, Sha256};
+use tern_chunk::{open_chunk, open_envelope, BaseIndex, IndexEntry, Key, ObjectKind};
+use tern_disk::{CreateFormat, CreateOptions};
+use tern_store::Store;
+use tern_types::MIB;
+
+use crate::manifest::index_digest;
+use crate::{catalog, vmdef, Engine, Error, ErrorKind, Manifest, ManifestDisk, Result};
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrateFormat {
+    /// Sparse raw.
+    Raw,
+    /// qcow2 v3, 64 KiB clusters.
+    Qcow2,
+    /// Dynamic VHD.
+    Vhd,
+    /// Dynamic VHDX, 32 MiB blocks.
+    Vhdx,
+    /// Fixed VHD with the size rounded up to a whole MiB, as Azure requires.
+    Azure,
+}
+
+impl MigrateFormat {
+    /// Parse a `--format` value.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "raw" => MigrateFormat::Raw,
+            "qcow2" => MigrateFormat::Qcow2,
+            "vhd" => MigrateFormat::Vhd,
+            "vhdx" => MigrateFormat::Vhdx,
+            "azure" => MigrateFormat::Azure,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "--format {s:?} is not one of raw, qcow2, vhd, vhdx, azure"
+                )))
+            }
+        })
+    }
+
+    /// File extension of outputs.
+    pub fn extension(self) -> &'static str {
+        match self {
+            MigrateFormat::Raw => "raw",
+            MigrateFormat::Qcow2 => "qcow2",
+            MigrateFormat::Vhd | MigrateFormat::Azure => "vhd",
+            MigrateFormat::Vhdx => "vhdx",
+        }
+    }
+
+    /// QEMU's driver name for the format (libvirt `<driver type=...>`).
+    pub fn qemu_driver(self) -> &'static str {
+        match self {
+            MigrateFormat::Raw => "raw",
+            MigrateFormat::Qcow2 => "qcow2",
+            MigrateFormat::Vhd | MigrateFormat::Azure => "vpc",
+            MigrateFormat::Vhdx => "vhdx",
+        }
+    }
+
+    fn create(self) -> CreateFormat {
+        match self {
+            MigrateFormat::Raw => CreateFormat::Raw,
+            MigrateFormat::Qcow2 => CreateFormat::Qcow2 { cluster_size: 64 << 10 },
+            MigrateFormat::Vhd => CreateFormat::VhdDynamic,
+            MigrateFormat::Vhdx => CreateFormat::Vhdx { block_size: 32 * MIB },
+            MigrateFormat::Azure => CreateFormat::VhdFixed,
+        }
+    }
+
+    /// Output virtual size for a disk of `size` bytes.
+    pub fn output_size(self, size: u64) -> u64 {
+        match self {
+            MigrateFormat::Azure => size.div_ceil(MIB) * MIB,
+            _ => size,
+        }
+    }
+}
+
+/// Which point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PointSelector {
+    /// The newest.
+    Latest,
+    /// This id.
+    Id(String),
+}
+
+/// Options of a migration.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Point to migrate.
+    pub point: PointSelector,
+    /// Output format.
+    pub format: MigrateFormat,
+    /// Output folder (created if missing).
+    pub out_dir: PathBuf,
+    /// Test migration: outputs named `<vm>-test-...`, replication state untouched.
+    pub test: bool,
+    /// Fetch workers, 1..=32.
+    pub threads: usize,
+}
+
+/// Progress events.
+#[derive(Debug, Clone)]
+pub enum MigrateEvent {
+    /// A disk starts.
+    DiskStart {
+        /// Disk number.
+        disk: u32,
+        /// Guest size.
+        total: u64,
+    },
+    /// Guest bytes written (or known zero).
+    Progress {
+        /// Disk number.
+        disk: u32,
+        /// Guest bytes of the chunk.
+        bytes: u64,
+    },
+}
+
+/// One produced disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigratedDisk {
+    /// Disk number.
+    pub disk: u32,
+    /// Output file.
+    pub path: PathBuf,
+    /// Guest size of the source disk.
+    pub virtual_size: u64,
+    /// Guest size of the output (Azure rounds up to a MiB; the padding is zeros).
+    pub output_size: u64,
+    /// SHA-256 of the source disk's guest content (`virtual_size` bytes), hex.
+    pub sha256: String,
+}
+
+/// What a migration produced.
+#[derive(Debug, Clone)]
+pub struct MigrateReport {
+    /// VM name.
+    pub vm: String,
+    /// Point id.
+    pub point_id: String,
+    /// Point instant.
+    pub instant: String,
+    /// Disks.
+    pub disks: Vec<MigratedDisk>,
+    /// libvirt domain XML.
+    pub libvirt_xml: PathBuf,
+    /// Azure ARM template.
+    pub arm_template: PathBuf,
+}
+
+/// Removes every registered path unless disarmed.
+struct Cleanup(Vec<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn partial(p: &Path) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(".partial");
+    PathBuf::from(s)
+}
+
+/// Migrate VM `name` (a name or a store VM id) from the engine's store.
+pub fn migrate(
+    engine: &Engine,
+    name: &str,
+    opts: &MigrateOptions,
+    observer: &(dyn Fn(MigrateEvent) + Sync),
+) -> Result<MigrateReport> {
+    crate::check_threads(opts.threads)?;
+    let key = engine.load_key()?;
+    let store = engine.open_store()?;
+    let rt = engine.runtime()?;
+    rt.block_on(engine.check_store(&store, &key, false))?;
+    let vm_id = rt.block_on(catalog::find_vm(engine, &store, &key, name))?;
+    let points = rt.block_on(store.list_points(&vm_id))?;
+    let point_id = match &opts.point {
+        PointSelector::Latest => points
+            .last()
+            .cloned()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("VM {name:?} has no recovery point")))?,
+        PointSelector::Id(id) => {
+            crate::check_point_id(id)?;
+            if !points.contains(id) {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("VM {name:?} has no point {id} (see `tern points {name}`)"),
+                ));
+            }
+            id.clone()
+        }
+    };
+    let env = rt.block_on(store.get_manifest(&vm_id, &point_id))?;
+    let manifest =
+        Manifest::open(&key, &env).map_err(|e| e.context(format!("manifest of point {point_id}")))?;
+
+    std::fs::create_dir_all(&opts.out_dir)
+        .map_err(|e| Error::io(format!("creating {}", opts.out_dir.display()), e))?;
+    let vm_name = &manifest.vm.name;
+    let stem = if opts.test { format!("{vm_name}-test") } else { vm_name.clone() };
+    let disk_paths: Vec<PathBuf> = manifest
+        .disks
+        .iter()
+        .map(|d| opts.out_dir.join(format!("{stem}-disk{}.{}", d.index, opts.format.extension())))
+        .collect();
+    let xml_path = opts.out_dir.join(format!("{stem}.xml"));
+    let arm_path = opts.out_dir.join(format!("{stem}-azure.json"));
+    for p in disk_paths.iter().chain([&xml_path, &arm_path]) {
+        if p.exists() {
+            return Err(Error::invalid(format!(
+                "{} already exists: remove it or choose another --out folder",
+                p.display()
+            )));
+        }
+    }
+    let mut cleanup = Cleanup(Vec::new());
+    let mut disks = Vec::new();
+    for (d, path) in manifest.disks.iter().zip(&disk_paths) {
+        let tmp = partial(path);
+        cleanup.0.push(tmp.clone());
+        cleanup.0.push(path.clone());
+        let label = format!("disk {} of VM {vm_name} at point {point_id}", d.index);
+        let sha = restore_disk(&key, &store, rt.handle(), &vm_id, &point_id, d, &tmp, opts, observer)
+            .map_err(|e| e.context(&label))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
+        disks.push(MigratedDisk {
+            disk: d.index,
+            path: path.clone(),
+            virtual_size: d.virtual_size,
+            output_size: opts.format.output_size(d.virtual_size),
+            sha256: sha,
+        });
+    }
+    let files: Vec<(PathBuf, u64)> = disks
+        .iter()
+        .map(|d| {
+            Ok((
+                d.path.clone(),
+                std::fs::metadata(&d.path).map_err(|e| Error::io(d.path.display(), e))?.len(),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let xml = vmdef::libvirt_xml(&manifest, &files, opts.format, opts.test);
+    let arm = vmdef::arm_template(&manifest, &files, opts.test);
+    for (p, text) in [(&xml_path, xml), (&arm_path, arm)] {
+        cleanup.0.push(p.clone());
+        std::fs::write(p, text).map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
+    }
+    cleanup.0.clear();
+    Ok(MigrateReport {
+        vm: vm_name.clone(),
+        point_id,
+        instant: manifest.instant.clone(),
+        disks,
+        libvirt_xml: xml_path,
+        arm_template: arm_path,
+    })
+}
+
+/// Fetch and check the base index of disk `d`.
+pub(crate) async fn fetch_index(
+    key: &Key,
+    store: &Store,
+    vm_id: &str,
+    point_id: &str,
+    d: &ManifestDisk,
+) -> Result<BaseIndex> {
+    let env = store
+        .get_index(vm_id, point_id, d.index)
+        .await
+        .map_err(|e| Error::from(e).context(format!("index of disk {}", d.index)))
+        .map_err(|e| if e.kind() == ErrorKind::NotFound { Error::corrupt(e.to_string()) } else { e })?;
+    let plain = open_envelope(key, ObjectKind::Index, &env)
+        .map_err(|e| Error::from(e).context(format!("index of disk {}", d.index)))?;
+    let index = BaseIndex::decode(&plain)
+        .map_err(|e| Error::from(e).context(format!("index of disk {}", d.index)))?;
+    if index_digest(key, &index) != d.index_digest {
+        return Err(Error::corrupt(format!(
+            "index of disk {} does not match the digest in the manifest: it was replaced or altered",
+            d.index
+        )));
+    }
+    if index.disk_size() != d.virtual_size || index.chunk_size() != d.chunk_size {
+        return Err(Error::corrupt(format!(
+            "index of disk {} disagrees with the manifest on sizes",
+            d.index
+        )));
+    }
+    Ok(index)
+}
+
+/// Fetch and verify one chunk; `range_len` is the guest length it must have.
+pub(crate) async fn fetch_chunk(
+    key: &Key,
+    store: &Store,
+    address: &tern_chunk::ChunkAddress,
+    range_len: u64,
+) -> Result<Vec<u8>> {
+    let env = store.get_chunk(address).await.map_err(|e| {
+        if e.kind() == tern_store::ErrorKind::NotFound {
+            Error::corrupt(format!("chunk object {address} is missing from the store"))
+        } else {
+            Error::from(e)
+        }
+    })?;
+    let plain = open_chunk(key, address, &env)?;
+    if plain.len() as u64 != range_len {
+        return Err(Error::corrupt(format!(
+            "chunk object {address} holds {} bytes, the index expects {range_len}",
+            plain.len()
+        )));
+    }
+    Ok(plain)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn restore_disk(
+    key: &Key,
+    store: &Store,
+    rt: &tokio::runtime::Handle,
+    vm_id: &str,
+    point_id: &str,
+    d: &ManifestDisk,
+    out: &Path,
+    opts: &MigrateOptions,
+    observer: &(dyn Fn(MigrateEvent) + Sync),
+) -> Result<String> {
+    let index = rt.block_on(fetch_index(key, store, vm_id, point_id, d))?;
+    let count = index.len();
+    let mut writer = tern_disk::create_disk(
+        out,
+        &CreateOptions {
+            format: opts.format.create(),
+            virtual_size: opts.format.output_size(d.virtual_size),
+        },
+    )?;
+    observer(MigrateEvent::DiskStart { disk: d.index, total: d.virtual_size });
+    let window = opts.threads * 2;
+    let next = AtomicUsize::new(0);
+    let abort = AtomicBool::new(false);
+    let hashed = Mutex::new(0usize);
+    let moved = Condvar::new();
+    let (tx, rx) = mpsc::channel::<(usize, Result<Option<Vec<u8>>>)>();
+    let zeros = vec![0u8; d.chunk_size as usize];
+    let mut hasher = Sha256::new();
+    let mut error: Option<Error> = None;
+    std::thread::scope(|s| {
+        for _ in 0..opts.threads {
+            let tx = tx.clone();
+            let (next, abort, hashed, moved, index) = (&next, &abort, &hashed, &moved, &index);
+            s.spawn(move || loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= count {
+                    break;
+                }
+                {
+                    let mut h = hashed.lock().unwrap_or_else(|p| p.into_inner());
+                    // The worker holding chunk `*h` never waits here, so this ends.
+                    while n >= *h + window && !abort.load(Ordering::Relaxed) {
+                        h = moved.wait(h).unwrap_or_else(|p| p.into_inner());
+                    }
+                }
+                if abort.load(Ordering::Relaxed) {
+                    break;
+                }
+                let range = index.chunk_range(n);
+                let res = match index.get(n) {
+                    Some(IndexEntry::Chunk(a)) => rt
+                        .block_on(fetch_chunk(key, store, &a, range.end - range.start))
+                        .map(Some)
+                        .map_err(|e| e.context(format!("chunk {n} at offset {}", range.start))),
+                    _ => Ok(None),
+                };
+                let failed = res.is_err();
+                if tx.send((n, res)).is_err() || failed {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut pending: BTreeMap<usize, Option<Vec<u8>>> = BTreeMap::new();
+        let mut expected = 0usize;
+        for (n, res) in rx.iter() {
+            if error.is_some() {
+                continue;
+            }
+            match res {
+                Err(e) => error = Some(e),
+                Ok(data) => {
+                    pending.insert(n, data);
+                }
+            }
+            while error.is_none() {
+                let Some(data) = pending.remove(&expected) else { break };
+                let range = index.chunk_range(expected);
+                let len = (range.end - range.start) as usize;
+                match &data {
+                    Some(bytes) => {
+                        hasher.update(bytes);
+                        if let Err(e) = writer.write_at(bytes, range.start) {
+                            error = Some(Error::from(e).context(format!("writing chunk {expected}")));
+                        }
+                    }
+                    None => hasher.update(&zeros[..len]),
+                }
+                observer(MigrateEvent::Progress { disk: d.index, bytes: len as u64 });
+                expected += 1;
+            }
+            let mut h = hashed.lock().unwrap_or_else(|p| p.into_inner());
+            *h = expected;
+            if error.is_some() {
+                abort.store(true, Ordering::Relaxed);
+            }
+            moved.notify_all();
+        }
+        if error.is_none() && expected != count {
+            error = Some(Error::corrupt(format!("only {expected} of {count} chunks arrived")));
+        }
+    });
+    if let Some(e) = error {
+        return Err(e);
+    }
+    writer.finish()?;
+    Ok(hex::encode(hasher.finalize()))
+}

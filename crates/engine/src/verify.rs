@@ -1,0 +1,141 @@
+//! `tern store verify`: every point's manifest -> its indexes -> every chunk they
+//! reference exists (listing the store once) or, with `read_data`, fetches and opens
+//! (authenticated, hashed back to its address, right length). Every problem is
+//! reported with the VM, point, disk and chunk number that reference it.
+
+use std::collections::HashMap;
+
+use tern_chunk::{ChunkAddress, IndexEntry, ENVELOPE_OVERHEAD};
+
+use crate::migrate::{fetch_chunk, fetch_index};
+use crate::{Engine, Manifest, Result};
+
+/// Options.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Fetch and open every chunk instead of only checking that it exists.
+    pub read_data: bool,
+}
+
+/// One problem found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// VM name (or id when the manifest is unreadable).
+    pub vm: String,
+    /// Point id.
+    pub point: String,
+    /// Disk number, when the problem is in a disk.
+    pub disk: Option<u32>,
+    /// Chunk number, when the problem is a chunk.
+    pub chunk: Option<u64>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VM {} point {}", self.vm, self.point)?;
+        if let Some(d) = self.disk {
+            write!(f, " disk {d}")?;
+        }
+        if let Some(c) = self.chunk {
+            write!(f, " chunk {c}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// What verify found.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    /// VMs seen.
+    pub vms: u64,
+    /// Points checked.
+    pub points: u64,
+    /// Chunk references checked.
+    pub chunk_refs: u64,
+    /// Distinct chunks checked.
+    pub distinct_chunks: u64,
+    /// Problems.
+    pub problems: Vec<Problem>,
+}
+
+/// Verify the engine's store.
+pub fn verify(engine: &Engine, opts: &VerifyOptions) -> Result<VerifyReport> {
+    let key = engine.load_key()?;
+    let store = engine.open_store()?;
+    let rt = engine.runtime()?;
+    rt.block_on(engine.check_store(&store, &key, false))?;
+    let mut report = VerifyReport::default();
+    let listed: HashMap<ChunkAddress, u64> = rt.block_on(store.list_chunks())?.into_iter().collect();
+    // Result per distinct chunk: None = good, Some(message) = bad.
+    let mut checked: HashMap<ChunkAddress, Option<String>> = HashMap::new();
+    for vm_id in rt.block_on(store.list_vms())? {
+        report.vms += 1;
+        for point in rt.block_on(store.list_points(&vm_id))? {
+            report.points += 1;
+            let manifest = rt
+                .block_on(store.get_manifest(&vm_id, &point))
+                .map_err(crate::Error::from)
+                .and_then(|env| Manifest::open(&key, &env));
+            let manifest = match manifest {
+                Ok(m) => m,
+                Err(e) => {
+                    report.problems.push(Problem {
+                        vm: vm_id.clone(),
+                        point,
+                        disk: None,
+                        chunk: None,
+                        message: format!("manifest: {e}"),
+                    });
+                    continue;
+                }
+            };
+            let vm = manifest.vm.name.clone();
+            for d in &manifest.disks {
+                let index = match rt.block_on(fetch_index(&key, &store, &vm_id, &point, d)) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        report.problems.push(Problem {
+                            vm: vm.clone(),
+                            point: point.clone(),
+                            disk: Some(d.index),
+                            chunk: None,
+                            message: e.to_string(),
+                        });
+                        continue;
+                    }
+                };
+                for (n, e) in index.entries().iter().enumerate() {
+                    let IndexEntry::Chunk(addr) = e else { continue };
+                    report.chunk_refs += 1;
+                    let range = index.chunk_range(n);
+                    let verdict = checked.entry(*addr).or_insert_with(|| {
+                        report.distinct_chunks += 1;
+                        match listed.get(addr) {
+                            None => Some(format!("chunk object {addr} is missing from the store")),
+                            Some(&size) if size < ENVELOPE_OVERHEAD as u64 => {
+                                Some(format!("chunk object {addr} is truncated ({size} bytes)"))
+                            }
+                            Some(_) if opts.read_data => rt
+                                .block_on(fetch_chunk(&key, &store, addr, range.end - range.start))
+                                .err()
+                                .map(|e| e.to_string()),
+                            Some(_) => None,
+                        }
+                    });
+                    if let Some(msg) = verdict {
+                        report.problems.push(Problem {
+                            vm: vm.clone(),
+                            point: point.clone(),
+                            disk: Some(d.index),
+                            chunk: Some(n as u64),
+                            message: msg.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(report)
+}

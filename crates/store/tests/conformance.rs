@@ -1,0 +1,406 @@
+//! One conformance suite for every store backend: a local folder, Azure Blob Storage
+//! (Azurite) and S3 (moto's server). The emulators are started here as child
+//! processes on free loopback ports and killed when the test ends, also on panic.
+//!
+//! Without an emulator installed the backend's test fails and says to run
+//! scripts/deps; with `TERN_SKIP_EMULATORS=1` it prints SKIPPED instead.
+//!
+//! Every case opens its own store under its own prefix (a subfolder for the local
+//! backend), so cases never see each other's objects, which is itself tested.
+
+mod support;
+
+use std::future::Future;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tern_chunk::Key;
+use tern_store::{ErrorKind, Store, StoreConfig, StoreStats};
+
+use support::emulator;
+use support::{address, azurite_env, payload, runtime, s3_env, skipped};
+
+/// A backend under test: a base URL that cases add their prefix to, and the
+/// environment the store reads credentials and endpoints from.
+struct Backend {
+    name: &'static str,
+    base: String,
+    env: Vec<(String, String)>,
+}
+
+impl Backend {
+    fn url(&self, prefix: &str) -> String {
+        format!("{}/{prefix}", self.base)
+    }
+
+    fn open(&self, prefix: &str) -> Store {
+        let url = self.url(prefix);
+        Store::open_with_env(&url, self.env.clone())
+            .unwrap_or_else(|e| panic!("{}: opening {url}: {e}", self.name))
+    }
+}
+
+// ---------------------------------------------------------------- the backends
+
+#[test]
+fn conformance_local_folder() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let backend = Backend {
+        name: "local",
+        base: format!("file://{}", dir.path().join("stores").display()),
+        env: Vec::new(),
+    };
+    runtime().block_on(suite(&backend));
+}
+
+#[test]
+fn conformance_azurite() {
+    let azurite = match emulator::azurite() {
+        Ok(azurite) => azurite,
+        Err(skip) => return skipped("conformance_azurite", skip),
+    };
+    support::azure::create_container(azurite.port, "tern");
+    let backend = Backend { name: "azurite", base: "az://tern".to_string(), env: azurite_env(azurite.port) };
+    runtime().block_on(suite(&backend));
+    drop(azurite);
+}
+
+#[test]
+fn conformance_s3_moto() {
+    let moto = match emulator::moto() {
+        Ok(moto) => moto,
+        Err(skip) => return skipped("conformance_s3_moto", skip),
+    };
+    support::create_bucket(moto.port, "tern");
+    let backend = Backend { name: "moto", base: "s3://tern".to_string(), env: s3_env(moto.port) };
+    runtime().block_on(suite(&backend));
+    let mut env = s3_env(moto.port);
+    env.push(("AWS_CONDITIONAL_PUT".into(), "disabled".into()));
+    let unconditional = Backend { name: "moto without conditional puts", base: "s3://tern".to_string(), env };
+    runtime().block_on(case(&unconditional, "create_only_fallback", create_only_fallback(&unconditional)));
+    drop(moto);
+}
+
+// ---------------------------------------------------------------- the suite
+
+async fn suite(b: &Backend) {
+    let start = Instant::now();
+    case(b, "chunk_round_trip", chunk_round_trip(b)).await;
+    case(b, "missing_objects_are_not_found", missing_objects_are_not_found(b)).await;
+    case(b, "index_and_manifest_round_trip", index_and_manifest_round_trip(b)).await;
+    case(b, "manifest_is_created_once", manifest_is_created_once(b)).await;
+    case(b, "list_points_needs_manifest", list_points_needs_manifest(b)).await;
+    case(b, "list_vms", list_vms(b)).await;
+    case(b, "list_chunks_with_sizes", list_chunks_with_sizes(b)).await;
+    case(b, "stats_count_traffic", stats_count_traffic(b)).await;
+    case(b, "prefixes_are_isolated", prefixes_are_isolated(b)).await;
+    case(b, "large_sealed_chunk", large_sealed_chunk(b)).await;
+    case(b, "concurrent_puts_of_one_chunk", concurrent_puts_of_one_chunk(b)).await;
+    case(b, "config_written_once", config_written_once(b)).await;
+    case(b, "deletes", deletes(b)).await;
+    case(b, "bad_ids_are_invalid_input", bad_ids_are_invalid_input(b)).await;
+    println!("{}: suite passed in {:?}", b.name, start.elapsed());
+}
+
+async fn case(b: &Backend, name: &str, run: impl Future<Output = ()>) {
+    // Printed before the case so that a panic's output says which case it was.
+    println!("{}: {name}", b.name);
+    run.await;
+}
+
+async fn chunk_round_trip(b: &Backend) {
+    let store = b.open("chunk-round-trip");
+    let a = address(0x1a);
+    assert!(!store.chunk_exists(&a).await.unwrap());
+    store.put_chunk(&a, payload(1, 1000)).await.unwrap();
+    assert!(store.chunk_exists(&a).await.unwrap());
+    assert_eq!(store.get_chunk(&a).await.unwrap(), payload(1, 1000));
+    // Again (a resumed upload): success, and the store keeps one object.
+    store.put_chunk(&a, payload(1, 1000)).await.unwrap();
+    assert_eq!(store.list_chunks().await.unwrap(), vec![(a, 1000)]);
+}
+
+async fn missing_objects_are_not_found(b: &Backend) {
+    let store = b.open("not-found");
+    let a = address(0x2b);
+    let e = store.get_chunk(&a).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let text = e.to_string();
+    let expected = format!("store {}: chunk {a}: not found", store.url());
+    assert_eq!(text, expected);
+
+    let e = store.get_index("vm1", "p1", 0).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains("vms/vm1/points/p1/disk-0.index"), "{e}");
+    let e = store.get_manifest("vm1", "p1").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains("manifest vms/vm1/points/p1/manifest"), "{e}");
+    assert!(!store.index_exists("vm1", "p1", 0).await.unwrap());
+    assert!(!store.manifest_exists("vm1", "p1").await.unwrap());
+    assert_eq!(store.read_config().await.unwrap(), None);
+    assert!(store.list_vms().await.unwrap().is_empty());
+    assert!(store.list_points("vm1").await.unwrap().is_empty());
+    assert!(store.list_chunks().await.unwrap().is_empty());
+}
+
+async fn index_and_manifest_round_trip(b: &Backend) {
+    let store = b.open("round-trip");
+    store.put_index("vm1", "p1", 0, payload(3, 300)).await.unwrap();
+    store.put_index("vm1", "p1", 1, payload(4, 400)).await.unwrap();
+    // Before the manifest, an index may be sealed again (resumed replication).
+    store.put_index("vm1", "p1", 1, payload(5, 401)).await.unwrap();
+    store.put_manifest("vm1", "p1", payload(6, 600)).await.unwrap();
+    assert_eq!(store.get_index("vm1", "p1", 0).await.unwrap(), payload(3, 300));
+    assert_eq!(store.get_index("vm1", "p1", 1).await.unwrap(), payload(5, 401));
+    assert_eq!(store.get_manifest("vm1", "p1").await.unwrap(), payload(6, 600));
+    assert!(store.index_exists("vm1", "p1", 1).await.unwrap());
+    assert!(store.manifest_exists("vm1", "p1").await.unwrap());
+}
+
+async fn manifest_is_created_once(b: &Backend) {
+    let store = b.open("create-once");
+    store.put_index("vm1", "p1", 0, payload(1, 10)).await.unwrap();
+    store.put_manifest("vm1", "p1", payload(7, 70)).await.unwrap();
+    let e = store.put_manifest("vm1", "p1", payload(8, 80)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert!(e.to_string().contains("manifest vms/vm1/points/p1/manifest"), "{e}");
+    assert_eq!(store.get_manifest("vm1", "p1").await.unwrap(), payload(7, 70));
+    // A committed point's indexes are frozen too.
+    let e = store.put_index("vm1", "p1", 0, payload(2, 10)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(store.get_index("vm1", "p1", 0).await.unwrap(), payload(1, 10));
+
+    // Racing writers of one manifest: exactly one wins.
+    let racers: Vec<_> = (0..4u8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.put_manifest("vm1", "race", payload(i, 50)).await })
+        })
+        .collect();
+    let mut won = 0;
+    for racer in racers {
+        match racer.await.unwrap() {
+            Ok(()) => won += 1,
+            Err(e) => assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}"),
+        }
+    }
+    assert_eq!(won, 1, "{}: racing manifest writers", b.name);
+}
+
+async fn list_points_needs_manifest(b: &Backend) {
+    let store = b.open("list-points");
+    // p1: indexes only (an interrupted replication): not a point.
+    store.put_index("vm1", "p1", 0, payload(1, 10)).await.unwrap();
+    store.put_index("vm1", "p1", 1, payload(1, 10)).await.unwrap();
+    for point in ["20261101T120500Z", "20261101T120000Z", "20261101T121000Z"] {
+        store.put_index("vm1", point, 0, payload(2, 20)).await.unwrap();
+        store.put_manifest("vm1", point, payload(3, 30)).await.unwrap();
+    }
+    store.put_manifest("vm2", "other", payload(3, 30)).await.unwrap();
+    assert_eq!(
+        store.list_points("vm1").await.unwrap(),
+        ["20261101T120000Z", "20261101T120500Z", "20261101T121000Z"]
+    );
+    assert_eq!(store.list_points("vm2").await.unwrap(), ["other"]);
+    assert!(store.list_points("vm3").await.unwrap().is_empty());
+    // A VM id that is a prefix of another sees only its own points.
+    store.put_manifest("vm", "x", payload(3, 30)).await.unwrap();
+    assert_eq!(store.list_points("vm").await.unwrap(), ["x"]);
+}
+
+async fn list_vms(b: &Backend) {
+    let store = b.open("list-vms");
+    assert!(store.list_vms().await.unwrap().is_empty());
+    store.put_index("web-02", "p1", 0, payload(1, 10)).await.unwrap();
+    store.put_manifest("db.1", "p1", payload(1, 10)).await.unwrap();
+    store.put_index("web-01", "p1", 0, payload(1, 10)).await.unwrap();
+    store.put_chunk(&address(9), payload(1, 10)).await.unwrap();
+    assert_eq!(store.list_vms().await.unwrap(), ["db.1", "web-01", "web-02"]);
+}
+
+async fn list_chunks_with_sizes(b: &Backend) {
+    let store = b.open("list-chunks");
+    let mut expected = Vec::new();
+    for (n, len) in [(0xf0u8, 1usize), (0x00, 4096), (0x7c, 333), (0x7d, 0)] {
+        let a = address(n);
+        store.put_chunk(&a, payload(n, len)).await.unwrap();
+        expected.push((a, len as u64));
+    }
+    expected.sort();
+    assert_eq!(store.list_chunks().await.unwrap(), expected);
+    assert_eq!(store.list_chunk_shard(0x7c).await.unwrap(), vec![(address(0x7c), 333)]);
+    assert!(store.list_chunk_shard(0x11).await.unwrap().is_empty());
+    // Manifests and indexes are not chunks.
+    store.put_manifest("vm1", "p1", payload(1, 10)).await.unwrap();
+    assert_eq!(store.list_chunks().await.unwrap().len(), 4);
+}
+
+async fn stats_count_traffic(b: &Backend) {
+    let store = b.open("stats");
+    assert_eq!(store.stats(), StoreStats::default());
+    let clone = store.clone();
+    store.put_chunk(&address(1), payload(1, 100)).await.unwrap();
+    clone.put_index("vm1", "p1", 0, payload(2, 20)).await.unwrap();
+    clone.put_manifest("vm1", "p1", payload(3, 30)).await.unwrap();
+    store.get_chunk(&address(1)).await.unwrap();
+    clone.get_manifest("vm1", "p1").await.unwrap();
+    // Heads, lists and failed gets move no object.
+    store.chunk_exists(&address(1)).await.unwrap();
+    store.list_chunks().await.unwrap();
+    store.get_chunk(&address(2)).await.unwrap_err();
+    let expected = StoreStats { objects_put: 3, bytes_put: 150, objects_get: 2, bytes_get: 130 };
+    assert_eq!(store.stats(), expected);
+    assert_eq!(clone.stats(), expected);
+    // A new opening counts from zero.
+    assert_eq!(b.open("stats").stats(), StoreStats::default());
+}
+
+async fn prefixes_are_isolated(b: &Backend) {
+    let one = b.open("iso-a");
+    let two = b.open("iso-b");
+    let nested = b.open("iso-a/inner");
+    one.put_chunk(&address(5), payload(5, 50)).await.unwrap();
+    one.put_manifest("vm1", "p1", payload(1, 10)).await.unwrap();
+    one.init_config(&StoreConfig::new("aa", 1 << 20)).await.unwrap();
+    assert!(!two.chunk_exists(&address(5)).await.unwrap());
+    assert!(two.list_chunks().await.unwrap().is_empty());
+    assert!(two.list_vms().await.unwrap().is_empty());
+    assert!(two.list_points("vm1").await.unwrap().is_empty());
+    assert_eq!(two.read_config().await.unwrap(), None);
+    // The same names in the other store are other objects.
+    two.put_manifest("vm1", "p1", payload(2, 20)).await.unwrap();
+    assert_eq!(one.get_manifest("vm1", "p1").await.unwrap(), payload(1, 10));
+    assert_eq!(two.get_manifest("vm1", "p1").await.unwrap(), payload(2, 20));
+    assert!(nested.list_chunks().await.unwrap().is_empty());
+}
+
+async fn large_sealed_chunk(b: &Backend) {
+    let store = b.open("large");
+    let key = Key::from_bytes([7; 32]);
+    // 8 MiB that zstd cannot shrink (xorshift), so the object really is 8 MiB.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let plain: Vec<u8> = (0..8 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let (a, envelope) = tern_chunk::seal_chunk(&key, &plain, 1).unwrap();
+    assert!(envelope.len() > 8 << 20);
+    store.put_chunk(&a, Bytes::from(envelope.clone())).await.unwrap();
+    let back = store.get_chunk(&a).await.unwrap();
+    assert_eq!(back.len(), envelope.len());
+    assert_eq!(tern_chunk::open_chunk(&key, &a, &back).unwrap(), plain);
+    assert_eq!(store.list_chunks().await.unwrap(), vec![(a, envelope.len() as u64)]);
+}
+
+async fn concurrent_puts_of_one_chunk(b: &Backend) {
+    let store = b.open("concurrent");
+    let key = Key::from_bytes([9; 32]);
+    let plain = vec![0x5a; 256 << 10];
+    let a = tern_chunk::chunk_address(&key, &plain);
+    // Eight workers upload the same chunk, each sealed afresh (different nonces, as
+    // when two disks hold the same data): all succeed, one copy remains and opens.
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            let (addr, envelope) = tern_chunk::seal_chunk(&key, &plain, 1).unwrap();
+            assert_eq!(addr, a);
+            tokio::spawn(async move { store.put_chunk(&addr, Bytes::from(envelope)).await })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap().unwrap();
+    }
+    let back = store.get_chunk(&a).await.unwrap();
+    assert_eq!(tern_chunk::open_chunk(&key, &a, &back).unwrap(), plain);
+    assert_eq!(store.list_chunks().await.unwrap().len(), 1);
+}
+
+async fn config_written_once(b: &Backend) {
+    let store = b.open("config");
+    assert_eq!(store.read_config().await.unwrap(), None);
+    let first = StoreConfig::new("0123abcd", 4 << 20);
+    assert_eq!(store.init_config(&first).await.unwrap(), first);
+    // A second init (another machine, another key) gets the config that is there.
+    let second = StoreConfig::new("ffff", 1 << 20);
+    assert_eq!(store.init_config(&second).await.unwrap(), first);
+    assert_eq!(store.read_config().await.unwrap(), Some(first));
+
+    let mut foreign = StoreConfig::new("x", 1);
+    foreign.format = "something-else".into();
+    let e = b.open("config-2").init_config(&foreign).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+}
+
+async fn deletes(b: &Backend) {
+    let store = b.open("deletes");
+    store.put_chunk(&address(3), payload(3, 30)).await.unwrap();
+    store.delete_chunk(&address(3)).await.unwrap();
+    assert!(!store.chunk_exists(&address(3)).await.unwrap());
+    store.delete_chunk(&address(3)).await.unwrap();
+
+    for point in ["p1", "p2"] {
+        store.put_index("vm1", point, 0, payload(1, 10)).await.unwrap();
+        store.put_index("vm1", point, 1, payload(1, 10)).await.unwrap();
+        store.put_manifest("vm1", point, payload(1, 10)).await.unwrap();
+    }
+    store.delete_point("vm1", "p1").await.unwrap();
+    assert_eq!(store.list_points("vm1").await.unwrap(), ["p2"]);
+    assert!(!store.index_exists("vm1", "p1", 0).await.unwrap());
+    assert!(!store.index_exists("vm1", "p1", 1).await.unwrap());
+    assert!(store.index_exists("vm1", "p2", 1).await.unwrap());
+    store.delete_point("vm1", "p1").await.unwrap();
+    // A deleted point's id can be used again: the manifest really is gone.
+    store.put_manifest("vm1", "p1", payload(2, 10)).await.unwrap();
+}
+
+async fn bad_ids_are_invalid_input(b: &Backend) {
+    let store = b.open("bad-ids");
+    for (vm, point) in [("../x", "p1"), ("vm1", ""), ("vm1", "a/b"), ("", "p")] {
+        let e = store.put_manifest(vm, point, payload(1, 1)).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().starts_with(&format!("store {}: ", store.url())), "{e}");
+    }
+    let e = store.list_points("a b").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("VM id \"a b\""), "{e}");
+}
+
+/// A backend that cannot write create-only still never replaces a manifest written
+/// before (the check before the put) and still accepts chunks that exist.
+async fn create_only_fallback(b: &Backend) {
+    let store = b.open("fallback");
+    store.put_chunk(&address(1), payload(1, 10)).await.unwrap();
+    store.put_chunk(&address(1), payload(2, 10)).await.unwrap();
+    assert_eq!(store.get_chunk(&address(1)).await.unwrap(), payload(1, 10));
+    store.put_manifest("vm1", "p1", payload(3, 30)).await.unwrap();
+    let e = store.put_manifest("vm1", "p1", payload(4, 40)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(store.get_manifest("vm1", "p1").await.unwrap(), payload(3, 30));
+    let config = StoreConfig::new("ab", 1 << 20);
+    assert_eq!(store.init_config(&config).await.unwrap(), config);
+    assert_eq!(store.init_config(&StoreConfig::new("cd", 1)).await.unwrap(), config);
+}
+
+// ---------------------------------------------------------------- opening
+
+#[test]
+fn emulator_flag_reaches_azurite() {
+    let azurite = match emulator::azurite() {
+        Ok(azurite) => azurite,
+        Err(skip) => return skipped("emulator_flag_reaches_azurite", skip),
+    };
+    support::azure::create_container(azurite.port, "flag");
+    let env = vec![
+        ("AZURE_STORAGE_USE_EMULATOR".to_string(), "true".to_string()),
+        ("AZURITE_BLOB_STORAGE_URL".to_string(), format!("http://127.0.0.1:{}", azurite.port)),
+    ];
+    let store = Store::open_with_env("az://flag/p", env).unwrap();
+    runtime().block_on(async {
+        store.put_chunk(&address(1), payload(1, 10)).await.unwrap();
+        assert_eq!(store.get_chunk(&address(1)).await.unwrap(), payload(1, 10));
+    });
+}
