@@ -38,6 +38,15 @@ const DESC_SIGNATURE: &[u8; 4] = b"desc";
 const DATA_SIGNATURE: &[u8; 4] = b"data";
 /// Largest log tern reads into memory. Hyper-V and QEMU write 1 MiB logs.
 const MAX_LOG: u64 = 64 * MIB;
+/// Largest file a log entry may grow the image to: twice the largest virtual disk
+/// ([MS-VHDX] 2.6.2.2, 64 TiB), room for every block plus any metadata. Beyond it the
+/// entry is corrupt, not a file to create.
+const MAX_FILE_SIZE: u64 = 2 * super::metadata::MAX_VIRTUAL_SIZE;
+/// Bytes of log entries checksummed while searching for the active sequence, at
+/// least: a hostile log of N sectors, each claiming to start an entry as long as the
+/// log, would otherwise cost N times the log's length. A genuine log checks each
+/// sector about once; stale entries from an earlier pass add a little.
+const MIN_SCAN_BUDGET: u64 = 256 * MIB;
 
 /// One write an entry describes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,8 +99,20 @@ pub(crate) fn find_active_sequence(
     let mut buf = vec![0u8; log.length as usize];
     file.read_exact_at(&mut buf, log.offset)?;
     let sectors = log.length / LOG_SECTOR;
-    let entries: Vec<Option<Entry>> =
-        (0..sectors).map(|s| parse_entry(&buf, s * LOG_SECTOR, log_guid)).collect();
+    let mut budget = MIN_SCAN_BUDGET.max(8 * log.length);
+    let mut entries: Vec<Option<Entry>> = Vec::with_capacity(sectors as usize);
+    for s in 0..sectors {
+        let entry = parse_entry(&buf, s * LOG_SECTOR, log_guid, &mut budget).map_err(|ScanBudgetSpent| {
+            Error::corrupt(
+                file.path(),
+                format!(
+                    "the log's entries overlap too much to search (more than {} bytes to checksum, at log sector {s})",
+                    MIN_SCAN_BUDGET.max(8 * log.length)
+                ),
+            )
+        })?;
+        entries.push(entry);
+    }
 
     let mut best: Option<Vec<usize>> = None;
     for s in 0..sectors as usize {
@@ -129,29 +150,40 @@ pub(crate) fn find_active_sequence(
     }))
 }
 
-/// Parse and validate the entry starting at log offset `start`; `None` if there is no
-/// valid entry there.
-fn parse_entry(log: &[u8], start: u64, log_guid: Guid) -> Option<Entry> {
+/// `parse_entry` ran out of its budget of bytes to checksum.
+#[derive(Debug)]
+struct ScanBudgetSpent;
+
+/// Parse and validate the entry starting at log offset `start`; `Ok(None)` if there is
+/// no valid entry there. The entry's bytes are taken from `budget` before they are
+/// gathered and checksummed.
+fn parse_entry(
+    log: &[u8],
+    start: u64,
+    log_guid: Guid,
+    budget: &mut u64,
+) -> std::result::Result<Option<Entry>, ScanBudgetSpent> {
     let len = log.len() as u64;
     let h = &log[start as usize..(start + LOG_SECTOR) as usize];
     if &h[0..4] != ENTRY_SIGNATURE {
-        return None;
+        return Ok(None);
     }
     let length = u64::from(u32_at(h, 8));
     let tail = u64::from(u32_at(h, 12));
     let sequence = u64_at(h, 16);
     let count = u64::from(u32_at(h, 24));
     if length == 0 || length % LOG_SECTOR != 0 || length > len || tail % LOG_SECTOR != 0 || tail >= len {
-        return None;
+        return Ok(None);
     }
     if sequence == 0 || Guid::from_slice(&h[32..]) != log_guid {
-        return None;
+        return Ok(None);
     }
     // Header and descriptors share the first sectors: 64 + 32 * count bytes.
     let desc_sectors = (64 + 32 * count).div_ceil(LOG_SECTOR);
     if desc_sectors > length / LOG_SECTOR {
-        return None;
+        return Ok(None);
     }
+    *budget = budget.checked_sub(length).ok_or(ScanBudgetSpent)?;
     // Gather the entry, which may wrap around the end of the buffer.
     let mut bytes = Vec::with_capacity(length as usize);
     for k in 0..length / LOG_SECTOR {
@@ -159,7 +191,7 @@ fn parse_entry(log: &[u8], start: u64, log_guid: Guid) -> Option<Entry> {
         bytes.extend_from_slice(&log[s..s + LOG_SECTOR as usize]);
     }
     if u32_at(&bytes, 4) != crc32c_with_hole(&bytes, 4) {
-        return None;
+        return Ok(None);
     }
     let mut ops = Vec::with_capacity(count as usize);
     let mut data_sector = desc_sectors;
@@ -167,22 +199,22 @@ fn parse_entry(log: &[u8], start: u64, log_guid: Guid) -> Option<Entry> {
         let d = &bytes[(64 + 32 * i) as usize..(96 + 32 * i) as usize];
         let file_offset = u64_at(d, 16);
         if u64_at(d, 24) != sequence || !file_offset.is_multiple_of(LOG_SECTOR) {
-            return None;
+            return Ok(None);
         }
         if &d[0..4] == ZERO_SIGNATURE {
             let length = u64_at(d, 8);
             if !length.is_multiple_of(LOG_SECTOR) {
-                return None;
+                return Ok(None);
             }
             ops.push(Op::Zero { file_offset, length });
         } else if &d[0..4] == DESC_SIGNATURE {
             if data_sector >= length / LOG_SECTOR {
-                return None;
+                return Ok(None);
             }
             let s = &bytes[(data_sector * LOG_SECTOR) as usize..((data_sector + 1) * LOG_SECTOR) as usize];
             let seq = (u64::from(u32_at(s, 4)) << 32) | u64::from(u32_at(s, 4092));
             if &s[0..4] != DATA_SIGNATURE || seq != sequence {
-                return None;
+                return Ok(None);
             }
             let mut sector = vec![0u8; LOG_SECTOR as usize].into_boxed_slice();
             sector[0..8].copy_from_slice(&d[8..16]);
@@ -191,10 +223,10 @@ fn parse_entry(log: &[u8], start: u64, log_guid: Guid) -> Option<Entry> {
             ops.push(Op::Data { file_offset, sector });
             data_sector += 1;
         } else {
-            return None;
+            return Ok(None);
         }
     }
-    Some(Entry {
+    Ok(Some(Entry {
         start,
         length,
         tail,
@@ -202,7 +234,7 @@ fn parse_entry(log: &[u8], start: u64, log_guid: Guid) -> Option<Entry> {
         flushed_file_offset: u64_at(h, 48),
         last_file_offset: u64_at(h, 56),
         ops,
-    })
+    }))
 }
 
 /// Apply `seq` to the file and flush. `protected` are ranges no entry may write
@@ -218,6 +250,15 @@ pub(crate) fn replay(file: &ImageFile, seq: &Sequence, protected: &[(Region, &st
                 format!(
                     "log entry {} says the file was {} bytes when it was written, but it is {file_len}: the file was truncated",
                     e.sequence, e.flushed_file_offset
+                ),
+            ));
+        }
+        if e.last_file_offset > MAX_FILE_SIZE {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "log entry {} says the file ends at {}, beyond any VHDX file ({MAX_FILE_SIZE} bytes)",
+                    e.sequence, e.last_file_offset
                 ),
             ));
         }
@@ -243,18 +284,26 @@ pub(crate) fn replay(file: &ImageFile, seq: &Sequence, protected: &[(Region, &st
             match op {
                 Op::Data { sector, .. } => file.write_all_at(sector, off)?,
                 Op::Zero { .. } => {
-                    let zeros = vec![0u8; MIB.min(len) as usize];
-                    let mut done = 0;
-                    while done < len {
-                        let n = (len - done).min(zeros.len() as u64);
-                        file.write_all_at(&zeros[..n as usize], off + done)?;
-                        done += n;
+                    // Past the end of the file there is nothing to zero: growing the
+                    // file (below) reads as zeros. So the bytes written are bounded by
+                    // the file's length, not by a length the entry claims.
+                    let end = (off + len).min(file.len()?);
+                    let zeros = vec![0u8; MIB.min(end.saturating_sub(off)) as usize];
+                    let mut at = off;
+                    while at < end {
+                        let n = (end - at).min(zeros.len() as u64);
+                        file.write_all_at(&zeros[..n as usize], at)?;
+                        at += n;
                     }
                 }
             }
         }
+        // Grow the file to what the entry says it was (zero-filled), rounded to the
+        // 1 MiB every VHDX structure is aligned to; never shrink it. `last_file_offset`
+        // is bounded above, so the rounding cannot overflow.
+        let grown = e.last_file_offset.div_ceil(MIB) * MIB;
         if file.len()? < e.last_file_offset {
-            file.set_len(e.last_file_offset.div_ceil(MIB) * MIB)?;
+            file.set_len(grown)?;
         }
     }
     file.sync()
@@ -314,10 +363,14 @@ pub(crate) mod tests {
         b
     }
 
+    fn parse(log: &[u8], start: u64, guid: Guid) -> Option<Entry> {
+        let mut unlimited = u64::MAX;
+        parse_entry(log, start, guid, &mut unlimited).expect("unbounded budget")
+    }
+
     fn find(log: &[u8], guid: Guid) -> Option<Vec<u64>> {
         let sectors = log.len() as u64 / LOG_SECTOR;
-        let entries: Vec<Option<Entry>> =
-            (0..sectors).map(|s| parse_entry(log, s * LOG_SECTOR, guid)).collect();
+        let entries: Vec<Option<Entry>> = (0..sectors).map(|s| parse(log, s * LOG_SECTOR, guid)).collect();
         entries.iter().flatten().next()?;
         Some(entries.iter().flatten().map(|e| e.sequence).collect())
     }
@@ -330,7 +383,7 @@ pub(crate) mod tests {
         sector[0] = 1;
         let e = build_entry(5, 0, guid, &[(3 * MIB, Some(sector)), (4 * MIB, None)], 8 * MIB);
         log[..e.len()].copy_from_slice(&e);
-        let parsed = parse_entry(&log, 0, guid).unwrap();
+        let parsed = parse(&log, 0, guid).unwrap();
         assert_eq!(parsed.ops.len(), 2);
         assert_eq!(
             parsed.ops[0],
@@ -338,10 +391,10 @@ pub(crate) mod tests {
         );
         assert_eq!(find(&log, guid), Some(vec![5]));
         // Another GUID: not ours.
-        assert!(parse_entry(&log, 0, Guid::random().unwrap()).is_none());
+        assert!(parse(&log, 0, Guid::random().unwrap()).is_none());
         // A flipped data byte breaks the checksum.
         log[4096 + 100] ^= 1;
-        assert!(parse_entry(&log, 0, guid).is_none());
+        assert!(parse(&log, 0, guid).is_none());
     }
 
     #[test]
@@ -352,7 +405,68 @@ pub(crate) mod tests {
         assert_eq!(e.len(), 8192);
         log[(MIB - 4096) as usize..].copy_from_slice(&e[..4096]);
         log[..4096].copy_from_slice(&e[4096..]);
-        let parsed = parse_entry(&log, MIB - 4096, guid).unwrap();
+        let parsed = parse(&log, MIB - 4096, guid).unwrap();
         assert_eq!(parsed.sequence, 9);
+    }
+
+    #[test]
+    fn a_log_of_overlapping_entries_is_refused_instead_of_scanned_quadratically() {
+        // Every sector claims an entry as long as the whole 64 MiB log: checksumming
+        // each would cost 16384 x 64 MiB. The search gives up with an error instead.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let file = ImageFile::create_new(&path).unwrap();
+        let guid = Guid::random().unwrap();
+        file.set_len(MAX_LOG).unwrap();
+        for s in 0..64u64 {
+            let mut h = vec![0u8; 64];
+            h[0..4].copy_from_slice(ENTRY_SIGNATURE);
+            put_u32(&mut h, 8, MAX_LOG as u32);
+            put_u64(&mut h, 16, s + 1);
+            h[32..48].copy_from_slice(&guid.0);
+            file.write_all_at(&h, s * LOG_SECTOR).unwrap();
+        }
+        let e = find_active_sequence(&file, Region { offset: 0, length: MAX_LOG }, guid).unwrap_err();
+        assert!(e.to_string().contains("overlap too much"), "{e}");
+    }
+
+    #[test]
+    fn a_zero_descriptor_past_the_end_grows_the_file_without_writing_zeros() {
+        // A zero descriptor of almost 64 GiB at 8 MiB in a 9 MiB file, the entry
+        // saying the file is 64 GiB: the file grows (sparse), nothing is written past
+        // its old end, and the one MiB that existed is zeroed.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let file = ImageFile::create_new(&path).unwrap();
+        file.write_all_at(&vec![0xAB; 9 * MIB as usize], 0).unwrap();
+        let guid = Guid::random().unwrap();
+        let big = 64u64 << 30;
+        let mut e = build_entry(3, 0, guid, &[(8 * MIB, None)], 9 * MIB);
+        put_u64(&mut e, 56, big);
+        put_u64(&mut e, 64 + 8, big - 8 * MIB);
+        let crc = crc32c_with_hole(&e, 4);
+        put_u32(&mut e, 4, crc);
+        let mut log = vec![0u8; MIB as usize];
+        log[..e.len()].copy_from_slice(&e);
+        let entry = parse(&log, 0, guid).unwrap();
+        let protected = [(Region { offset: 0, length: 4096 }, "headers")];
+        replay(&file, &Sequence { entries: vec![entry] }, &protected).unwrap();
+        assert_eq!(file.len().unwrap(), big);
+        let mut b = vec![0u8; MIB as usize];
+        file.read_exact_at(&mut b, 7 * MIB).unwrap();
+        assert!(b.iter().all(|&x| x == 0xAB));
+        file.read_exact_at(&mut b, 8 * MIB).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        assert!(file.allocated_bytes().unwrap() < 64 * MIB, "the growth is sparse");
+
+        // An entry claiming a file beyond any VHDX is corrupt.
+        let mut e = build_entry(4, 0, guid, &[(8 * MIB, None)], 9 * MIB);
+        put_u64(&mut e, 56, u64::MAX);
+        let crc = crc32c_with_hole(&e, 4);
+        put_u32(&mut e, 4, crc);
+        log[..e.len()].copy_from_slice(&e);
+        let entry = parse(&log, 0, guid).unwrap();
+        let err = replay(&file, &Sequence { entries: vec![entry] }, &protected).unwrap_err();
+        assert!(err.to_string().contains("beyond any VHDX file"), "{err}");
     }
 }

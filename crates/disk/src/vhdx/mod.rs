@@ -174,8 +174,19 @@ impl VhdxDisk {
     }
 
     /// Runs of sectors present / absent in a PARTIALLY_PRESENT block, covering guest
-    /// `[offset, offset + len)` (inside `block`), as (start, length, present).
-    fn bitmap_runs(&self, block: u64, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+    /// `[offset, offset + len)` (inside `block`), as (start, length, present); at most
+    /// `max_runs` of them, the last one possibly ending before `offset + len`.
+    ///
+    /// The sector bitmap is read through a window of [`BITMAP_WINDOW`] bytes, so one
+    /// call costs in proportion to the runs it returns, not to the block: mapping a
+    /// 256 MiB block of alternating sectors run by run stays linear.
+    fn bitmap_runs(
+        &self,
+        block: u64,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> Result<Vec<(u64, u64, bool)>> {
         let g = &self.geometry;
         let chunk = block / g.chunk_ratio;
         let sb: Entry = self.bat.bitmap(&self.file, chunk)?;
@@ -186,29 +197,53 @@ impl VhdxDisk {
             ));
         }
         let lss = g.logical_sector_size;
-        // A chunk covers 2^23 sectors: one bit each in its 1 MiB bitmap block.
+        // A chunk covers 2^23 sectors: one bit each in its 1 MiB bitmap block, which
+        // the BAT check placed inside the file.
         let per_chunk = 1u64 << 23;
         let first = offset / lss;
         let last = (offset + len - 1) / lss;
-        let first_bit = first % per_chunk;
-        let last_bit = last % per_chunk;
-        let mut bits = vec![0u8; (last_bit / 8 - first_bit / 8 + 1) as usize];
-        self.file.read_exact_at(&mut bits, sb.offset + first_bit / 8)?;
-        let present = |sector: u64| {
-            let bit = sector % per_chunk - (first_bit / 8) * 8;
-            bits[(bit / 8) as usize] & (1 << (bit % 8)) != 0
-        };
+        let mut window = BitmapWindow { base: sb.offset, start: 0, bytes: Vec::new() };
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
         for s in first..=last {
             let start = (s * lss).max(offset);
             let end = ((s + 1) * lss).min(offset + len);
-            let p = present(s);
+            let p = window.bit(&self.file, s % per_chunk)?;
             match runs.last_mut() {
                 Some(r) if r.2 == p => r.1 += end - start,
-                _ => runs.push((start, end - start, p)),
+                _ => {
+                    if runs.len() == max_runs {
+                        break;
+                    }
+                    runs.push((start, end - start, p));
+                }
             }
         }
         Ok(runs)
+    }
+}
+
+/// Bytes of a sector bitmap read at a time.
+const BITMAP_WINDOW: u64 = 4096;
+
+/// A window onto one 1 MiB sector bitmap block at file offset `base`.
+struct BitmapWindow {
+    base: u64,
+    /// Byte of the bitmap where `bytes` starts.
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl BitmapWindow {
+    /// Bit `i` (< 2^23) of the bitmap, least significant bit first ([MS-VHDX] 2.5.1.2).
+    fn bit(&mut self, file: &ImageFile, i: u64) -> Result<bool> {
+        let byte = i / 8;
+        if byte < self.start || byte >= self.start + self.bytes.len() as u64 {
+            let n = BITMAP_WINDOW.min(bat::SECTOR_BITMAP_BLOCK - byte);
+            self.bytes.resize(n as usize, 0);
+            file.read_exact_at(&mut self.bytes, self.base + byte)?;
+            self.start = byte;
+        }
+        Ok(self.bytes[(byte - self.start) as usize] & (1 << (i % 8)) != 0)
     }
 }
 
@@ -231,7 +266,7 @@ impl Disk for VhdxDisk {
                 PAYLOAD_FULLY_PRESENT => self.file.read_exact_at(out, e.offset + within)?,
                 PAYLOAD_ZERO => out.fill(0),
                 PAYLOAD_PARTIALLY_PRESENT => {
-                    for (start, len, present) in self.bitmap_runs(block, off, n as u64)? {
+                    for (start, len, present) in self.bitmap_runs(block, off, n as u64, usize::MAX)? {
                         let piece = &mut out[(start - off) as usize..(start - off + len) as usize];
                         if present {
                             self.file.read_exact_at(piece, e.offset + start % bs)?;
@@ -272,7 +307,7 @@ impl Disk for VhdxDisk {
                 PAYLOAD_FULLY_PRESENT => MapKind::Data,
                 PAYLOAD_ZERO => MapKind::Zero,
                 PAYLOAD_PARTIALLY_PRESENT => {
-                    let (start, len, present) = self.bitmap_runs(block, pos, seg_end - pos)?[0];
+                    let (start, len, present) = self.bitmap_runs(block, pos, seg_end - pos, 1)?[0];
                     if present {
                         return Ok(Mapping { start, length: len, kind: MapKind::Data });
                     }
