@@ -40,11 +40,15 @@ order = list(range(extents)); rng.shuffle(order)
 rand_ext = set(order[: extents // 2])
 text_ext = set(order[extents // 2 : extents // 2 + extents // 4])
 words = [w.encode() for w in "the quick brown fox jumps over lazy dog replica disk sector cluster block chunk store point cycle migrate host agent service".split()]
+# A 64 MiB pool of text; each text extent is a slice at a random offset, so extents
+# compress like text but do not repeat at chunk alignment.
+pool = bytearray()
+while len(pool) < (64 << 20):
+    pool += b" ".join(rng.choice(words) for _ in range(12)) + b".\n"
+pool = bytes(pool)
 def text_mib():
-    out = bytearray()
-    while len(out) < (1 << 20):
-        out += b" ".join(rng.choice(words) for _ in range(12)) + b".\n"
-    return bytes(out[: 1 << 20])
+    at = rng.randrange(len(pool) - (1 << 20))
+    return pool[at : at + (1 << 20)]
 with open(path, "wb") as f:
     f.truncate(gib << 30)
     for e in sorted(rand_ext | text_ext):

@@ -24,7 +24,9 @@ use tern_engine::{Engine, EngineOptions};
 /// a store (a local folder by default; az:// and s3:// URLs work too). Typical use:
 ///
 ///   tern vm add web --disk /var/lib/libvirt/images/web.qcow2 --cpus 2 --memory 4G
+///
 ///   tern replicate web
+///
 ///   tern migrate web --format azure --out ./cutover
 ///
 /// `tern demo` runs the whole flow on a sample disk.

@@ -103,7 +103,9 @@ impl crate::DiskWriter for RawWriter {
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         check_range(self.file.path(), offset, buf.len(), self.size)?;
-        self.file.write_all_at(buf, offset)
+        self.file.write_all_at(buf, offset)?;
+        self.file.start_writeback(offset, buf.len() as u64);
+        Ok(())
     }
 
     fn finish(self: Box<Self>) -> Result<()> {

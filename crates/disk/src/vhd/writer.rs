@@ -197,7 +197,9 @@ impl crate::DiskWriter for VhdWriter {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         check_range(self.file.path(), offset, buf.len(), self.size)?;
         if self.dynamic.is_none() {
-            return self.file.write_all_at(buf, offset);
+            self.file.write_all_at(buf, offset)?;
+            self.file.start_writeback(offset, buf.len() as u64);
+            return Ok(());
         }
         let mut done = 0usize;
         while done < buf.len() {
