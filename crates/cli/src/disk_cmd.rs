@@ -58,6 +58,10 @@ pub enum DiskCommand {
         /// Do not show a progress bar even on a terminal.
         #[arg(long)]
         no_progress: bool,
+        /// Do not fsync the output before exiting (qemu-img convert's default, cache
+        /// mode unsafe): faster, but a crash soon after may lose or damage the image.
+        #[arg(long)]
+        no_sync: bool,
         #[command(flatten)]
         open: OpenArgs,
     },
@@ -157,6 +161,7 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
             block_size,
             overwrite,
             no_progress,
+            no_sync,
             open: o,
         } => {
             let fmt = if azure { OutFormat::Azure } else { output_format };
@@ -203,6 +208,7 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
                     format: create,
                     virtual_size: Some(out_size),
                     progress: Some(&progress),
+                    sync: !no_sync,
                 },
             )?;
             bar.finish_and_clear();

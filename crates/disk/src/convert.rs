@@ -33,6 +33,9 @@ pub struct ConvertOptions<'a> {
     pub virtual_size: Option<u64>,
     /// Called as pieces complete with (done, total).
     pub progress: Option<ConvertProgress<'a>>,
+    /// fsync the output before returning (the default everywhere tern writes images);
+    /// `false` is qemu-img's unsafe cache mode.
+    pub sync: bool,
 }
 
 /// Copy the guest content of `src` into a new image at `dst` (which must not exist).
@@ -56,6 +59,9 @@ pub fn convert(src: &dyn Disk, dst: &Path, options: &ConvertOptions<'_>) -> Resu
         ));
     }
     let mut writer = create_disk(dst, &CreateOptions { format: options.format, virtual_size: size })?;
+    if !options.sync {
+        writer.skip_sync();
+    }
     let copied = match writer.concurrent() {
         Some(w) => copy_parallel(src, &|buf, off| w.write_at(buf, off), options),
         None => copy_sequential(src, writer.as_mut(), options),

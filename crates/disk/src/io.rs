@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -19,6 +20,8 @@ pub struct ImageFile {
     file: File,
     path: PathBuf,
     writable: bool,
+    /// Whether [`ImageFile::sync`] really syncs (see [`ImageFile::set_sync`]).
+    sync: AtomicBool,
 }
 
 impl ImageFile {
@@ -29,7 +32,7 @@ impl ImageFile {
             .write(writable)
             .open(path)
             .map_err(|e| Error::io(path, if writable { "open for writing" } else { "open" }, e))?;
-        Ok(ImageFile { file, path: path.to_path_buf(), writable })
+        Ok(ImageFile { file, path: path.to_path_buf(), writable, sync: AtomicBool::new(true) })
     }
 
     /// Create `path` (truncating nothing: it must not exist).
@@ -40,7 +43,7 @@ impl ImageFile {
             .create_new(true)
             .open(path)
             .map_err(|e| Error::io(path, "create", e))?;
-        Ok(ImageFile { file, path: path.to_path_buf(), writable: true })
+        Ok(ImageFile { file, path: path.to_path_buf(), writable: true, sync: AtomicBool::new(true) })
     }
 
     /// The path the file was opened by.
@@ -125,7 +128,16 @@ impl ImageFile {
 
     /// Flush data and metadata to stable storage.
     pub fn sync(&self) -> Result<()> {
+        if !self.sync.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         self.file.sync_all().map_err(|e| Error::io(&self.path, "fsync", e))
+    }
+
+    /// Turn [`ImageFile::sync`] into a no-op (`false`), for outputs the user asked not
+    /// to make durable (qemu-img's `-t unsafe`): a crash soon after may lose them.
+    pub fn set_sync(&self, on: bool) {
+        self.sync.store(on, Ordering::Relaxed);
     }
 
     /// Ask the kernel to start writing `len` bytes at `offset` back to disk now, without

@@ -196,6 +196,10 @@ pub trait DiskWriter: Send {
     /// Write the remaining metadata, flush, and fsync. The image is valid only after this.
     fn finish(self: Box<Self>) -> Result<()>;
 
+    /// Skip the fsyncs of [`DiskWriter::finish`] (qemu-img convert's default cache mode
+    /// is unsafe too): faster, but the image is not durable when `finish` returns.
+    fn skip_sync(&mut self);
+
     /// A handle for writing guest data from several threads at once, offered by formats
     /// whose guest-to-file mapping is fixed when the image is created (raw, fixed VHD):
     /// with nothing to allocate there is nothing to lock. `None` for the others.

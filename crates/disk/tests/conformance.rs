@@ -102,7 +102,7 @@ fn every_source_converts_to_every_output_as_qemu_sees_it() {
             convert(
                 disk.as_ref(),
                 &out,
-                &ConvertOptions { format: *format, virtual_size: None, progress: None },
+                &ConvertOptions { format: *format, virtual_size: None, progress: None, sync: true },
             )
             .unwrap_or_else(|e| panic!("{sname} -> {oname}: {e}"));
             qemu_compare(&src, &out);
@@ -127,7 +127,12 @@ fn azure_output_is_a_fixed_vhd_of_whole_mebibytes() {
     convert(
         disk.as_ref(),
         &out,
-        &ConvertOptions { format: CreateFormat::VhdFixed, virtual_size: Some(size), progress: None },
+        &ConvertOptions {
+            format: CreateFormat::VhdFixed,
+            virtual_size: Some(size),
+            progress: None,
+            sync: true,
+        },
     )
     .unwrap();
     let bytes = std::fs::read(&out).unwrap();
@@ -156,8 +161,12 @@ fn large_sparse_disks_above_4_gib_round_trip_through_every_format() {
     let disk = open(&raw);
     for (oname, format, _, _) in OUTPUTS {
         let out = dir.path().join(format!("big-{oname}"));
-        convert(disk.as_ref(), &out, &ConvertOptions { format: *format, virtual_size: None, progress: None })
-            .unwrap_or_else(|e| panic!("-> {oname}: {e}"));
+        convert(
+            disk.as_ref(),
+            &out,
+            &ConvertOptions { format: *format, virtual_size: None, progress: None, sync: true },
+        )
+        .unwrap_or_else(|e| panic!("-> {oname}: {e}"));
         qemu_compare(&raw, &out);
         let back = open(&out);
         assert_eq!(back.virtual_size(), size, "{oname}");
@@ -195,11 +204,11 @@ proptest! {
         let ref_disk = open(&reference);
         for (aname, afmt, _, _) in OUTPUTS {
             let a = dir.path().join(format!("a-{aname}"));
-            convert(ref_disk.as_ref(), &a, &ConvertOptions { format: *afmt, virtual_size: None, progress: None }).unwrap();
+            convert(ref_disk.as_ref(), &a, &ConvertOptions { format: *afmt, virtual_size: None, progress: None, sync: true }).unwrap();
             let a_disk = open(&a);
             for (bname, bfmt, _, _) in OUTPUTS {
                 let b = dir.path().join(format!("b-{aname}-{bname}"));
-                convert(a_disk.as_ref(), &b, &ConvertOptions { format: *bfmt, virtual_size: None, progress: None }).unwrap();
+                convert(a_disk.as_ref(), &b, &ConvertOptions { format: *bfmt, virtual_size: None, progress: None, sync: true }).unwrap();
                 let b_disk = open(&b);
                 prop_assert_eq!(b_disk.virtual_size(), size);
                 let outcome = tern_disk::compare(ref_disk.as_ref(), b_disk.as_ref(), None).unwrap();

@@ -259,7 +259,12 @@ fn backing_chain_reads_like_qemu_when_allowed() {
     let err = tern_disk::convert(
         alone.as_ref(),
         &dir.path().join("out.raw"),
-        &tern_disk::ConvertOptions { format: CreateFormat::Raw, virtual_size: None, progress: None },
+        &tern_disk::ConvertOptions {
+            format: CreateFormat::Raw,
+            virtual_size: None,
+            progress: None,
+            sync: true,
+        },
     )
     .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Backing);
@@ -449,6 +454,7 @@ fn tern_converts_qcow2_to_qcow2_like_qemu() {
             format: CreateFormat::Qcow2 { cluster_size: 65536 },
             virtual_size: None,
             progress: None,
+            sync: true,
         },
     )
     .unwrap();

@@ -490,7 +490,7 @@ fn differencing_disk_reads_through_to_its_parent() {
     let err = convert(
         alone.as_ref(),
         &out,
-        &ConvertOptions { format: CreateFormat::Raw, virtual_size: None, progress: None },
+        &ConvertOptions { format: CreateFormat::Raw, virtual_size: None, progress: None, sync: true },
     )
     .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Backing);
@@ -549,8 +549,12 @@ fn tern_written_images_match_their_source_for_qemu() {
         let src = open(&raw);
         for (fmt, kind) in [(CreateFormat::VhdDynamic, "dynamic"), (CreateFormat::VhdFixed, "fixed")] {
             let out = dir.path().join(format!("out-{size}-{kind}.vhd"));
-            convert(src.as_ref(), &out, &ConvertOptions { format: fmt, virtual_size: None, progress: None })
-                .unwrap();
+            convert(
+                src.as_ref(),
+                &out,
+                &ConvertOptions { format: fmt, virtual_size: None, progress: None, sync: true },
+            )
+            .unwrap();
             assert_eq!(qemu_virtual_size(&out), size, "{kind} {size}");
             let info = qemu_info(&out);
             if kind == "dynamic" {
@@ -615,7 +619,12 @@ fn azure_output_is_a_fixed_vhd_of_whole_mebibytes() {
     convert(
         src.as_ref(),
         &out,
-        &ConvertOptions { format: CreateFormat::VhdFixed, virtual_size: Some(out_size), progress: None },
+        &ConvertOptions {
+            format: CreateFormat::VhdFixed,
+            virtual_size: Some(out_size),
+            progress: None,
+            sync: true,
+        },
     )
     .unwrap();
     let bytes = std::fs::read(&out).unwrap();

@@ -153,6 +153,7 @@ fn tern_convert_to_vhdx(src: &Path, dst: &Path, block_size: u64) {
         format: tern_disk::CreateFormat::Vhdx { block_size },
         virtual_size: None,
         progress: None,
+        sync: true,
     };
     tern_disk::convert(disk.as_ref(), dst, &opts).unwrap();
 }
@@ -323,6 +324,7 @@ fn differencing_image_reads_through_its_parent() {
         format: tern_disk::CreateFormat::Raw,
         virtual_size: None,
         progress: None,
+        sync: true,
     };
     tern_disk::convert(disk.as_ref(), &out, &c).unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), expected);

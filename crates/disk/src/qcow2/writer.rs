@@ -243,6 +243,10 @@ impl crate::DiskWriter for Qcow2Writer {
         Ok(())
     }
 
+    fn skip_sync(&mut self) {
+        self.file.set_sync(false);
+    }
+
     fn finish(mut self: Box<Self>) -> Result<()> {
         let tables = std::mem::take(&mut self.tables.tables);
         for (l1_index, t) in tables {

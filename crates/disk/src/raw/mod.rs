@@ -108,6 +108,10 @@ impl crate::DiskWriter for RawWriter {
         Ok(())
     }
 
+    fn skip_sync(&mut self) {
+        self.file.set_sync(false);
+    }
+
     fn finish(self: Box<Self>) -> Result<()> {
         self.file.sync()
     }

@@ -216,6 +216,10 @@ impl crate::DiskWriter for VhdWriter {
         Ok(())
     }
 
+    fn skip_sync(&mut self) {
+        self.file.set_sync(false);
+    }
+
     fn finish(self: Box<Self>) -> Result<()> {
         let footer = self.footer.to_bytes();
         match &self.dynamic {

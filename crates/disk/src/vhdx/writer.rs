@@ -219,6 +219,10 @@ impl crate::DiskWriter for VhdxWriter {
         Ok(())
     }
 
+    fn skip_sync(&mut self) {
+        self.file.set_sync(false);
+    }
+
     fn finish(mut self: Box<Self>) -> Result<()> {
         let g = self.geometry;
         if self.locator.is_some() {
