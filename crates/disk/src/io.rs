@@ -145,7 +145,11 @@ impl ImageFile {
     /// it behind themselves so that the final [`ImageFile::sync`] has little left to
     /// wait for: durability overlaps the copy instead of following it. Advisory only:
     /// an error here is ignored, the final sync still decides.
+    /// Nothing to start when the file will not be synced.
     pub fn start_writeback(&self, offset: u64, len: u64) {
+        if !self.sync.load(Ordering::Relaxed) {
+            return;
+        }
         let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else { return };
         libc_seek::start_writeback(&self.file, off, n);
     }
