@@ -2,95 +2,21 @@
 //! folders, with qemu-img as the oracle for image equality.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use sha2::{Digest, Sha256};
-use tern_engine::throttle::Throttle;
+mod support;
+
+use support::{host, run_migrate, run_replicate, sha256_file, walk};
 use tern_engine::{
-    migrate, replicate, verify, Engine, EngineOptions, ErrorKind, Firmware, MigrateFormat, MigrateOptions,
-    PointSelector, ReplicateOptions, VerifyOptions, VmDef,
+    verify, Engine, EngineOptions, ErrorKind, Firmware, MigrateFormat, ReplicateOptions, VerifyOptions,
 };
 
-struct Host {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    engine: Engine,
-}
-
-fn host() -> Host {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let engine =
-        Engine::open(&EngineOptions { data_dir: Some(root.join("data")), ..Default::default() }).unwrap();
-    Host { _dir: dir, root, engine }
-}
-
-fn add_vm(engine: &Engine, name: &str, disks: &[&Path]) {
-    engine
-        .db()
-        .vm_add(&VmDef {
-            id: tern_engine::new_vm_id().unwrap(),
-            name: name.into(),
-            cpus: 2,
-            memory_bytes: 2 << 30,
-            firmware: Firmware::Uefi,
-            disks: disks.iter().map(|p| p.to_path_buf()).collect(),
-        })
-        .unwrap();
-}
-
-fn run_replicate(
-    engine: &Engine,
-    name: &str,
-    opts: &ReplicateOptions,
-) -> tern_engine::Result<tern_engine::ReplicateReport> {
-    replicate(engine, name, opts, &Throttle::unlimited(), &|_| {})
-}
-
-fn run_migrate(
-    engine: &Engine,
-    name: &str,
-    format: MigrateFormat,
-    out: &Path,
-) -> tern_engine::Result<tern_engine::MigrateReport> {
-    migrate(
-        engine,
-        name,
-        &MigrateOptions {
-            point: PointSelector::Latest,
-            format,
-            out_dir: out.into(),
-            test: false,
-            threads: 3,
-        },
-        &|_| {},
-    )
-}
-
-/// `qemu-img compare` of a raw source with an output in `fmt` (qemu must be told the
-/// format: it probes a fixed VHD as raw).
+/// `qemu-img compare` of a raw source with an output in `fmt`.
 fn qemu_compare_fmt(a: &Path, b: &Path, fmt: MigrateFormat) {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", fmt.qemu_driver()])
-        .arg(a)
-        .arg(b)
-        .output()
-        .expect("qemu-img is installed");
-    assert!(
-        out.status.success(),
-        "qemu-img compare {} {}: {}",
-        a.display(),
-        b.display(),
-        String::from_utf8_lossy(&out.stdout)
-    );
+    support::qemu_compare(a, "raw", b, fmt.qemu_driver());
 }
 
 fn qemu_compare(a: &Path, b: &Path) {
     qemu_compare_fmt(a, b, MigrateFormat::Raw)
-}
-
-fn sha256_file(p: &Path) -> String {
-    hex::encode(Sha256::digest(std::fs::read(p).unwrap()))
 }
 
 #[test]
@@ -109,7 +35,7 @@ fn round_trip_to_every_format() {
         f.set_len(33 << 20).unwrap();
         f.write_all_at(&[7; 65536], 20 << 20).unwrap();
     }
-    add_vm(&h.engine, "web", &[&src, &src2, &src3]);
+    support::add_vm_firmware(&h.engine, "web", &[src.clone(), src2.clone(), src3.clone()], Firmware::Uefi);
     let r = run_replicate(&h.engine, "web", &ReplicateOptions::default()).unwrap();
     assert_eq!(r.disks.len(), 3);
     assert!(r.disks[0].uploaded_chunks > 0);
@@ -147,7 +73,7 @@ fn migrate_from_another_machine_with_only_store_and_key() {
     let h = host();
     let src = h.root.join("db.raw");
     tern_engine::sample::write_sample_disk(&src, 16 << 20, 3).unwrap();
-    add_vm(&h.engine, "db", &[&src]);
+    support::add_vm_firmware(&h.engine, "db", std::slice::from_ref(&src), Firmware::Uefi);
     run_replicate(&h.engine, "db", &ReplicateOptions::default()).unwrap();
 
     let other = tempfile::tempdir().unwrap();
@@ -189,8 +115,8 @@ fn clones_deduplicate() {
         let f = std::fs::OpenOptions::new().write(true).open(&clone).unwrap();
         f.write_all_at(&[0xAB; 4096], 5 << 20).unwrap();
     }
-    add_vm(&h.engine, "a", &[&base]);
-    add_vm(&h.engine, "b", &[&clone]);
+    support::add_vm_firmware(&h.engine, "a", std::slice::from_ref(&base), Firmware::Uefi);
+    support::add_vm_firmware(&h.engine, "b", std::slice::from_ref(&clone), Firmware::Uefi);
     let a = run_replicate(&h.engine, "a", &ReplicateOptions::default()).unwrap();
     let b = run_replicate(&h.engine, "b", &ReplicateOptions::default()).unwrap();
     let (pa, pb) = (a.store_stats.bytes_put, b.store_stats.bytes_put);
@@ -203,7 +129,7 @@ fn resume_after_failure_reuploads_at_most_the_chunks_in_flight() {
     let h = host();
     let src = h.root.join("big.raw");
     tern_engine::sample::write_sample_disk(&src, 96 << 20, 5).unwrap();
-    add_vm(&h.engine, "big", &[&src]);
+    support::add_vm_firmware(&h.engine, "big", std::slice::from_ref(&src), Firmware::Uefi);
     let threads = 4;
     let mut opts = ReplicateOptions { threads, fail_after_uploads: Some(5), ..Default::default() };
     let err = run_replicate(&h.engine, "big", &opts).unwrap_err();
@@ -219,7 +145,7 @@ fn resume_after_failure_reuploads_at_most_the_chunks_in_flight() {
 
     // A clean replication of the same disk into a fresh store: the reference total.
     let h2 = host();
-    add_vm(&h2.engine, "big", &[&src]);
+    support::add_vm_firmware(&h2.engine, "big", std::slice::from_ref(&src), Firmware::Uefi);
     let clean =
         run_replicate(&h2.engine, "big", &ReplicateOptions { threads, ..Default::default() }).unwrap();
     let clean_chunks = clean.disks[0].uploaded_bytes;
@@ -262,7 +188,7 @@ fn damaged_objects_are_named_and_no_image_is_left() {
         let h = host();
         let src = h.root.join("v.raw");
         tern_engine::sample::write_sample_disk(&src, 16 << 20, 9).unwrap();
-        add_vm(&h.engine, "v", &[&src]);
+        support::add_vm_firmware(&h.engine, "v", std::slice::from_ref(&src), Firmware::Uefi);
         run_replicate(&h.engine, "v", &ReplicateOptions::default()).unwrap();
         let store = h.root.join("data/store");
         if what == "index" {
@@ -292,21 +218,6 @@ fn damaged_objects_are_named_and_no_image_is_left() {
             std::fs::read_dir(&out).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
         assert!(left.is_empty(), "{what}: left {left:?}");
     }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
 }
 
 #[test]

@@ -28,6 +28,10 @@ pub fn host() -> Host {
 }
 
 pub fn add_vm(engine: &Engine, name: &str, disks: &[PathBuf]) {
+    add_vm_firmware(engine, name, disks, Firmware::Bios);
+}
+
+pub fn add_vm_firmware(engine: &Engine, name: &str, disks: &[PathBuf], firmware: Firmware) {
     engine
         .db()
         .vm_add(&VmDef {
@@ -35,7 +39,7 @@ pub fn add_vm(engine: &Engine, name: &str, disks: &[PathBuf]) {
             name: name.into(),
             cpus: 2,
             memory_bytes: 2 << 30,
-            firmware: Firmware::Bios,
+            firmware,
             disks: disks.to_vec(),
         })
         .unwrap();
