@@ -84,6 +84,7 @@ pub fn run(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
             out_dir: out.clone(),
             test: format == MigrateFormat::Azure,
             threads: 4,
+            sync: true,
         };
         let m = tern_engine::migrate(&engine, &name, &opts, &|_| {})?;
         let md = &m.disks[0];

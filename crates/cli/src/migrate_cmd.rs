@@ -42,6 +42,10 @@ pub struct MigrateArgs {
     /// domain), NAME-azure.json (ARM template). Existing files are never replaced.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Do not fsync the outputs before exiting (as `qemu-img convert` by default): faster,
+    /// but a crash soon after may lose them. For scratch test migrations, not cutovers.
+    #[arg(long)]
+    no_sync: bool,
     /// Test migration: outputs are named NAME-test-...; replication is not touched.
     #[arg(long)]
     test: bool,
@@ -85,7 +89,8 @@ pub fn run(g: &GlobalArgs, a: MigrateArgs) -> Result<ExitCode> {
             }
         }
     };
-    let opts = MigrateOptions { point, format, out_dir: a.out.clone(), test: a.test, threads };
+    let opts =
+        MigrateOptions { point, format, out_dir: a.out.clone(), test: a.test, threads, sync: !a.no_sync };
     let r = tern_engine::migrate(&engine, &a.name, &opts, &observer)?;
     for b in bars.lock().unwrap_or_else(|p| p.into_inner()).values() {
         b.finish();

@@ -144,3 +144,28 @@ fn convert_raw_to_raw_is_sparse_and_equal() {
     let blocks = std::fs::metadata(&b).unwrap().blocks() * 512;
     assert!(blocks <= 4 << 20, "output allocates {blocks} bytes for 3 MiB of data");
 }
+
+#[test]
+fn convert_no_sync_writes_the_same_image_in_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.raw");
+    raw_with_data(&a, "24M", &["write -P 0x11 0 1M", "write -P 0x22 17M 3M"]);
+    for (fmt, qemu_fmt) in
+        [("raw", "raw"), ("qcow2", "qcow2"), ("vhd", "vpc"), ("vhd-fixed", "vpc"), ("vhdx", "vhdx")]
+    {
+        let b = dir.path().join(format!("b.{fmt}"));
+        let o = tern(&["disk", "convert", "--no-sync", a.to_str().unwrap(), b.to_str().unwrap(), "-O", fmt]);
+        assert!(o.status.success(), "{fmt}: {}", stderr(&o));
+        qemu(&[
+            "qemu-img",
+            "compare",
+            "-q",
+            "-f",
+            "raw",
+            "-F",
+            qemu_fmt,
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ]);
+    }
+}

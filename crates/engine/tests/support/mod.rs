@@ -68,6 +68,7 @@ pub fn run_migrate(
             out_dir: out.into(),
             test: false,
             threads: 3,
+            sync: true,
         },
         &|_| {},
     )
