@@ -34,24 +34,6 @@ fn open_err(path: &Path, allow_backing: bool) -> tern_disk::Error {
     }
 }
 
-/// `qemu-img map -f vpc` as (start, length, data, zero).
-fn qemu_map(path: &Path) -> Vec<(u64, u64, bool, bool)> {
-    let v: serde_json::Value =
-        serde_json::from_str(&qemu_img(&["map", "-f", "vpc", "--output=json", s(path)])).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["start"].as_u64().unwrap(),
-                e["length"].as_u64().unwrap(),
-                e["data"].as_bool().unwrap(),
-                e["zero"].as_bool().unwrap(),
-            )
-        })
-        .collect()
-}
-
 /// Assert tern's map says Data exactly where qemu-img's says there is stored non-zero
 /// data. For dynamic disks that is qemu's `data` flag; for fixed disks qemu says
 /// `data: true` everywhere and marks file holes `zero: true`, which tern maps `Zero`.
@@ -71,7 +53,7 @@ fn compare_map_with_qemu(path: &Path, exact: bool) {
     let disk = open(path);
     let fixed = disk.info().unwrap().subformat == "fixed";
     let ours = collect_map(disk.as_ref()).unwrap();
-    let theirs = qemu_map(path);
+    let theirs = common::qemu_map(path);
     let (mut i, mut j, mut off) = (0, 0, 0u64);
     while i < ours.len() && j < theirs.len() {
         let o = ours[i];
