@@ -3,44 +3,14 @@
 //! SHA-256 migrate prints. Resume after kill -9 is in `kill.rs`, failing stores in
 //! `store_failures.rs`, keys in `keys.rs`.
 
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-use sha2::{Digest, Sha256};
+use support::{fails, ok, qemu, sha256, tern};
 
-fn tern(data: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tern"));
-    c.arg("--data-dir").arg(data);
-    c.env_remove("TERN_DATA_DIR").env_remove("TERN_KEY_FILE");
-    c
-}
-
-fn ok(c: &mut Command) -> String {
-    let o = c.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{c:?}: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn fails(c: &mut Command) -> String {
-    let o: Output = c.output().unwrap();
-    assert_eq!(o.status.code(), Some(1), "{c:?} should fail: {}", String::from_utf8_lossy(&o.stdout));
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(err.starts_with("tern: error: "), "{err}");
-    err
-}
-
+/// A sample disk: scattered random and text MiBs with holes.
 fn sample(path: &Path, mib: u64) {
-    tern_engine_sample(path, mib);
-}
-
-/// The sample disk through the binary's own demo code is not exposed; write a simple
-/// one here: scattered random and text MiBs with holes.
-fn tern_engine_sample(path: &Path, mib: u64) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::create(path).unwrap();
     f.set_len(mib << 20).unwrap();
@@ -66,18 +36,16 @@ fn tern_engine_sample(path: &Path, mib: u64) {
     }
 }
 
-fn sha256(p: &Path) -> String {
-    hex::encode(Sha256::digest(std::fs::read(p).unwrap()))
-}
-
 #[test]
 fn flags_are_validated_with_one_clear_line() {
     let d = tempfile::tempdir().unwrap();
     let data = d.path().join("data");
     for t in ["0", "33"] {
-        let e = fails(tern(&data).args(["replicate", "x", "--threads", t]));
-        assert!(e.contains("1 to 32"), "{e}");
-        assert_eq!(e.lines().count(), 1, "{e}");
+        let o = tern(&data).args(["replicate", "x", "--threads", t]).output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(e.starts_with("tern: error: ") && e.contains("1 to 32"), "{e}");
+        assert_eq!(e.lines().count(), 1, "the whole of stderr is one line: {e}");
     }
     for bad in ["100Kbps", "2Gbps", "50", "fast"] {
         let e = fails(tern(&data).args(["throttle", "set", "--work-limit", bad]));
@@ -155,12 +123,6 @@ fn replicate_then_migrate_elsewhere_with_only_store_and_key() {
         .arg(&outdir));
     assert!(test_out.contains("web-test-disk0.vhd"), "{test_out}");
     ok(tern(&other).args(["store", "verify", "--read-data", "--store", &store, "--key-file"]).arg(&key));
-}
-
-/// Run a qemu tool; panic with its output if it fails.
-fn qemu(tool: &str, args: &[&str]) {
-    let out = Command::new(tool).args(args).output().unwrap();
-    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
