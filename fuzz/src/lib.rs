@@ -16,12 +16,9 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use tern_disk::{open_disk, Format, MapKind, OpenOptions};
+use tern_disk::{open_disk, Format, OpenOptions};
 
-/// Largest number of mapping calls per input.
-const MAX_MAP_STEPS: usize = 4096;
-/// Largest number of guest bytes read per input.
-const MAX_READ: u64 = 8 << 20;
+mod walk;
 
 /// How one target drives the library.
 #[derive(Debug, Clone, Copy)]
@@ -65,33 +62,7 @@ pub fn exercise_target(data: &[u8], target: Target) {
     }
     let options = OpenOptions { format: target.format, writable: target.writable, ..OpenOptions::default() };
     let Ok(disk) = open_disk(&path, &options) else { return };
-    let _ = disk.info();
-    let size = disk.virtual_size();
-    let mut off = 0u64;
-    let mut read = 0u64;
-    let mut buf = vec![0u8; 64 << 10];
-    for _ in 0..MAX_MAP_STEPS {
-        if off >= size {
-            break;
-        }
-        let Ok(m) = disk.mapping(off, size - off) else { break };
-        assert!(m.start == off && m.length > 0 && m.end() <= size, "bad mapping {m:?} at {off} of {size}");
-        if read < MAX_READ {
-            let n = m.length.min(buf.len() as u64) as usize;
-            if disk.read_at(&mut buf[..n], off).is_ok() && m.kind != MapKind::Data {
-                // No backing file is ever opened here, so what is not data reads as zero
-                // (the invariant `tern_disk` documents on `Disk::mapping`).
-                assert!(buf[..n].iter().all(|&b| b == 0), "{m:?} reads non-zero bytes");
-            }
-            read += n as u64;
-        }
-        off = m.end();
-    }
-    // Reads at the far end too, where offset arithmetic overflows first.
-    if size > 0 {
-        let n = size.min(4096) as usize;
-        let _ = disk.read_at(&mut buf[..n], size - n as u64);
-    }
+    walk::walk(disk.as_ref());
 }
 
 /// Checksum repair, from the layouts the library documents (VHD specification "Hard

@@ -13,9 +13,8 @@ use tern_disk::{open_disk, DiskWriter, Format, MapKind, Mapping, OpenOptions};
 
 const MIB: u64 = 1 << 20;
 
-/// Most mapping calls and guest bytes read per image, as the fuzz driver.
-const MAX_MAP_STEPS: usize = 4096;
-const MAX_READ: u64 = 8 << 20;
+#[path = "../../../fuzz/src/walk.rs"]
+mod walk;
 
 /// Inflate `tests/fuzz-regressions/<format>/<name>.deflate` into a temporary file.
 fn regression_file(dir: &Path, format: &str, name: &str) -> PathBuf {
@@ -32,25 +31,7 @@ fn regression_file(dir: &Path, format: &str, name: &str) -> PathBuf {
 fn exercise(path: &Path, format: Format, writable: bool) -> Result<(), tern_disk::Error> {
     let options = OpenOptions { format: Some(format), writable, ..OpenOptions::default() };
     let disk = open_disk(path, &options)?;
-    let _ = disk.info();
-    let size = disk.virtual_size();
-    let (mut off, mut read) = (0u64, 0u64);
-    let mut buf = vec![0u8; 64 << 10];
-    for _ in 0..MAX_MAP_STEPS {
-        if off >= size {
-            break;
-        }
-        let Ok(m) = disk.mapping(off, size - off) else { break };
-        assert!(m.start == off && m.length > 0 && m.end() <= size, "bad mapping {m:?}");
-        if read < MAX_READ {
-            let n = m.length.min(buf.len() as u64) as usize;
-            if disk.read_at(&mut buf[..n], off).is_ok() && m.kind != MapKind::Data {
-                assert!(buf[..n].iter().all(|&b| b == 0), "{m:?} reads non-zero bytes");
-            }
-            read += n as u64;
-        }
-        off = m.end();
-    }
+    walk::walk(disk.as_ref());
     Ok(())
 }
 
