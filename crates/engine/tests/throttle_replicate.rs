@@ -3,9 +3,11 @@
 //! takes no wall time and nothing about wall time is asserted), and the point restores
 //! byte for byte (qemu-img compare as the oracle).
 
-use std::path::Path;
+mod support;
+
 use std::process::Command;
 use std::sync::Arc;
+use support::walk;
 
 use tern_engine::throttle::{Clock, Limit, Schedule, Throttle, VirtualClock};
 use tern_engine::{
@@ -14,24 +16,6 @@ use tern_engine::{
 };
 use time::macros::datetime;
 use time::UtcOffset;
-
-/// Every file under `dir`.
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    // Bounded by the (small) tree the test makes.
-    while let Some(d) = todo.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                todo.push(path);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    out
-}
 
 #[test]
 fn a_limited_replication_takes_its_bytes_time_at_the_limit_and_restores_exactly() {
