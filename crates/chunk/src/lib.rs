@@ -26,7 +26,8 @@ mod key;
 
 pub use address::ChunkAddress;
 pub use envelope::{
-    chunk_address, open_chunk, open_envelope, seal, seal_chunk, ObjectKind, ENVELOPE_OVERHEAD,
+    chunk_address, open_chunk, open_chunk_into, open_envelope, seal, seal_chunk, ObjectKind,
+    ENVELOPE_OVERHEAD,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use index::{BaseIndex, IndexEntry};

@@ -85,6 +85,7 @@ pub fn run(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
             test: format == MigrateFormat::Azure,
             threads: 4,
             sync: true,
+            verify: true,
         };
         let m = tern_engine::migrate(&engine, &name, &opts, &|_| {})?;
         let md = &m.disks[0];

@@ -46,6 +46,12 @@ pub struct MigrateArgs {
     /// but a crash soon after may lose them. For scratch test migrations, not cutovers.
     #[arg(long)]
     no_sync: bool,
+    /// Read every written image back through its format and check that its SHA-256 is
+    /// the point's (recorded at replication) before exiting; costs one more read of the
+    /// outputs. Without it, every chunk is still authenticated and checked against its
+    /// address as it is written.
+    #[arg(long)]
+    verify: bool,
     /// Test migration: outputs are named NAME-test-...; replication is not touched.
     #[arg(long)]
     test: bool,
@@ -89,8 +95,15 @@ pub fn run(g: &GlobalArgs, a: MigrateArgs) -> Result<ExitCode> {
             }
         }
     };
-    let opts =
-        MigrateOptions { point, format, out_dir: a.out.clone(), test: a.test, threads, sync: !a.no_sync };
+    let opts = MigrateOptions {
+        point,
+        format,
+        out_dir: a.out.clone(),
+        test: a.test,
+        threads,
+        sync: !a.no_sync,
+        verify: a.verify,
+    };
     let r = tern_engine::migrate(&engine, &a.name, &opts, &observer)?;
     for b in bars.lock().unwrap_or_else(|p| p.into_inner()).values() {
         b.finish();
@@ -98,7 +111,8 @@ pub fn run(g: &GlobalArgs, a: MigrateArgs) -> Result<ExitCode> {
     let kind = if a.test { "test migration" } else { "migration" };
     println!("{kind} of VM {} at point {} ({})", r.vm, r.point_id, r.instant);
     for d in &r.disks {
-        println!("disk {}: {}  sha256 {}", d.disk, d.path.display(), d.sha256);
+        let checked = if d.verified { " (read back and verified)" } else { "" };
+        println!("disk {}: {}  sha256 {}{checked}", d.disk, d.path.display(), d.sha256);
     }
     println!("libvirt domain: {}", r.libvirt_xml.display());
     println!("Azure template: {}", r.arm_template.display());

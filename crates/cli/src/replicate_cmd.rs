@@ -239,14 +239,19 @@ pub fn points(g: &GlobalArgs, a: PointsArgs) -> Result<ExitCode> {
         let m = &p.manifest;
         println!("{}  {}", m.point_id, m.instant);
         for d in &m.disks {
+            // The content digest when the point has one (compare with `sha256sum` of
+            // the source as of the point), else the index digest.
+            let digest = match &d.sha256 {
+                Some(sha) => format!("sha256 {sha}"),
+                None => format!("index digest {}", &d.index_digest[..16.min(d.index_digest.len())]),
+            };
             println!(
-                "  disk {}: {} ({}), {} of {} chunks stored, index digest {}",
+                "  disk {}: {} ({}), {} of {} chunks stored, {digest}",
                 d.index,
                 ByteSize(d.virtual_size),
                 d.source_name,
                 d.data_chunks,
                 d.chunk_count,
-                &d.index_digest[..16.min(d.index_digest.len())]
             );
         }
     }

@@ -93,6 +93,9 @@ fn replicate_then_migrate_elsewhere_with_only_store_and_key() {
         serde_json::from_str(&ok(tern(&data).args(["points", "web", "--json"]))).unwrap();
     assert_eq!(pts.as_array().unwrap().len(), 1);
     let point = pts[0]["point_id"].as_str().unwrap().to_string();
+    assert_eq!(pts[0]["disks"][0]["sha256"], sha256(&img));
+    let listed = ok(tern(&data).args(["points", "web"]));
+    assert!(listed.contains(&format!("sha256 {}", sha256(&img))), "{listed}");
 
     // Another machine: its own data directory, the store URL and an exported key.
     let key = d.path().join("exported.key");
@@ -114,6 +117,12 @@ fn replicate_then_migrate_elsewhere_with_only_store_and_key() {
     let migrated = outdir.join("web-disk0.raw");
     assert!(text.contains(&sha256(&img)), "{text}");
     assert_eq!(sha256(&migrated), sha256(&img));
+    let verified = ok(tern(&other)
+        .args(["migrate", "web", "--format", "vhdx", "--verify", "--store", &store, "--key-file"])
+        .arg(&key)
+        .arg("--out")
+        .arg(d.path().join("o2")));
+    assert!(verified.contains(&format!("sha256 {} (read back and verified)", sha256(&img))), "{verified}");
     let xml = std::fs::read_to_string(outdir.join("web.xml")).unwrap();
     assert!(xml.contains("<vcpu>4</vcpu>") && xml.contains("<memory unit='KiB'>8388608</memory>"), "{xml}");
     let test_out = ok(tern(&other)

@@ -21,6 +21,7 @@
 //! - `mapping` never reports `Zero` or `Unallocated` for a range whose bytes are not
 //!   all zero (when no backing is opened); it may report `Data` for zeros.
 
+mod aligned;
 mod compare;
 mod convert;
 mod detect;
@@ -38,6 +39,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+pub use aligned::{AlignedBuf, DIRECT_ALIGN};
 pub use compare::{compare, CompareOutcome};
 pub use convert::{convert, is_zero, write_nonzero, ConvertOptions, ConvertProgress};
 pub use detect::{detect_format, open_disk};
@@ -213,6 +215,14 @@ pub trait DiskWriter: Send {
 pub trait ConcurrentWrite: Send + Sync {
     /// Write `buf` at guest `offset`; `offset + buf.len()` must not exceed the virtual size.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// From now on, write buffers aligned to [`DIRECT_ALIGN`] (in memory, offset and
+    /// length: [`AlignedBuf`] slices at aligned offsets) straight to the device,
+    /// bypassing the page cache; other writes are unaffected. `false` when the file
+    /// system or platform cannot, which is no error.
+    fn direct_io(&self) -> bool {
+        false
+    }
 }
 
 /// Create a new image at `path` (which must not exist).

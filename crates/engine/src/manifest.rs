@@ -46,6 +46,11 @@ pub struct ManifestDisk {
     pub data_chunks: u64,
     /// Keyed BLAKE3 (the store key's address subkey) of the encoded base index, hex.
     pub index_digest: String,
+    /// SHA-256 of the guest content (`virtual_size` bytes) as of the point's instant,
+    /// 64 lowercase hex digits; computed while replicating. Optional so that a point
+    /// made without it (by a future delta cycle, say) still reads; migrate then hashes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// A recovery point manifest.
@@ -144,6 +149,13 @@ impl Manifest {
                     d.chunk_count, d.chunk_size, d.virtual_size
                 )));
             }
+            if let Some(sha) = &d.sha256 {
+                if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                    return Err(Error::corrupt(format!(
+                        "manifest disk {i}: sha256 {sha:?} is not 64 hex digits"
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -191,6 +203,7 @@ mod tests {
                 chunk_count: 3,
                 data_chunks: 1,
                 index_digest: "00".into(),
+                sha256: Some("ab".repeat(32)),
             }],
         };
         let env = m.seal(&key).unwrap();
@@ -202,8 +215,17 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("version 2"));
-        let mut bad = m;
+        let mut bad = m.clone();
         bad.disks[0].chunk_count = 2;
         assert!(Manifest::open(&key, &bad.seal(&key).unwrap()).is_err());
+        let mut bad = m.clone();
+        bad.disks[0].sha256 = Some("AB".repeat(32));
+        assert!(Manifest::open(&key, &bad.seal(&key).unwrap()).unwrap_err().to_string().contains("sha256"));
+        // Written before the field existed: still reads, as None.
+        let mut old = m;
+        old.disks[0].sha256 = None;
+        let json = serde_json::to_string(&old).unwrap();
+        assert!(!json.contains("sha256"));
+        assert_eq!(Manifest::open(&key, &old.seal(&key).unwrap()).unwrap(), old);
     }
 }

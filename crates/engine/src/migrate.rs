@@ -1,9 +1,12 @@
 //! Migrate: a recovery point -> disk images in a target format plus VM definitions.
 //!
 //! Every chunk is fetched by N workers and verified (authenticated, and hashed back to
-//! its address by `open_chunk`); the writer applies them and hashes the guest content
-//! in order (SHA-256, zero chunks hashed as zeros). Workers may run at most a window
-//! of chunks ahead of the hash, which bounds memory to about 2 x threads chunks.
+//! its address by `open_chunk`). Raw and fixed-VHD outputs (fixed layout) are written by
+//! the workers themselves, each chunk as it arrives, past the page cache where the
+//! filesystem allows (`O_DIRECT`); other formats allocate as they go and are written in
+//! chunk order by one thread. The SHA-256 printed for each disk is the one replication
+//! recorded in the manifest; for a point without one it is computed from the chunks in
+//! order. `verify` reads each output back and compares.
 //!
 //! Outputs are written under `<name>.partial` and renamed once complete; on any error
 //! every output of the run is removed, so a wrong image never carries a final name.
@@ -14,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Condvar, Mutex};
 
 use sha2::{Digest, Sha256};
-use tern_chunk::{open_chunk, open_envelope, BaseIndex, IndexEntry, Key, ObjectKind};
+use tern_chunk::{open_chunk, open_chunk_into, open_envelope, BaseIndex, IndexEntry, Key, ObjectKind};
 use tern_disk::{CreateFormat, CreateOptions};
 use tern_store::Store;
 use tern_types::MIB;
@@ -125,6 +128,9 @@ pub struct MigrateOptions {
     /// fsync every output before reporting success (the default). `false` leaves them
     /// in the page cache, as `qemu-img convert` does: for scratch test migrations.
     pub sync: bool,
+    /// Read every output back through its format and check its SHA-256 against the
+    /// point's before reporting success.
+    pub verify: bool,
 }
 
 /// Progress events.
@@ -157,8 +163,11 @@ pub struct MigratedDisk {
     pub virtual_size: u64,
     /// Guest size of the output (Azure rounds up to a MiB; the padding is zeros).
     pub output_size: u64,
-    /// SHA-256 of the source disk's guest content (`virtual_size` bytes), hex.
+    /// SHA-256 of the source disk's guest content (`virtual_size` bytes), hex: as
+    /// recorded at replication, or computed from the chunks for a point without it.
     pub sha256: String,
+    /// Whether the output was read back and found to have that SHA-256 (`verify`).
+    pub verified: bool,
 }
 
 /// What a migration produced.
@@ -255,8 +264,9 @@ pub fn migrate(
         cleanup.0.push(tmp.clone());
         cleanup.0.push(path.clone());
         let label = format!("disk {} of VM {vm_name} at point {point_id}", d.index);
-        let sha = restore_disk(&key, &store, rt.handle(), &vm_id, &point_id, d, &tmp, opts, observer)
-            .map_err(|e| e.context(&label))?;
+        let (sha, verified) =
+            restore_disk(&key, &store, rt.handle(), &vm_id, &point_id, d, &tmp, opts, observer)
+                .map_err(|e| e.context(&label))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
         disks.push(MigratedDisk {
             disk: d.index,
@@ -264,6 +274,7 @@ pub fn migrate(
             virtual_size: d.virtual_size,
             output_size: opts.format.output_size(d.virtual_size),
             sha256: sha,
+            verified,
         });
     }
     let files: Vec<(PathBuf, u64)> = disks
@@ -348,6 +359,26 @@ pub(crate) async fn fetch_chunk(
     Ok(plain)
 }
 
+/// Fetch and verify one chunk into `out`, which is exactly the chunk's guest length.
+pub(crate) async fn fetch_chunk_into(
+    key: &Key,
+    store: &Store,
+    address: &tern_chunk::ChunkAddress,
+    out: &mut [u8],
+) -> Result<()> {
+    let env = store.get_chunk(address).await.map_err(|e| {
+        if e.kind() == tern_store::ErrorKind::NotFound {
+            Error::corrupt(format!("chunk object {address} is missing from the store"))
+        } else {
+            Error::from(e)
+        }
+    })?;
+    // Usually the only reference, so this takes the buffer over without copying.
+    let mut env = Vec::from(env);
+    open_chunk_into(key, address, &mut env, out)?;
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn restore_disk(
     key: &Key,
@@ -359,9 +390,8 @@ fn restore_disk(
     out: &Path,
     opts: &MigrateOptions,
     observer: &(dyn Fn(MigrateEvent) + Sync),
-) -> Result<String> {
+) -> Result<(String, bool)> {
     let index = rt.block_on(fetch_index(key, store, vm_id, point_id, d))?;
-    let count = index.len();
     let mut writer = tern_disk::create_disk(
         out,
         &CreateOptions {
@@ -373,106 +403,246 @@ fn restore_disk(
         writer.skip_sync();
     }
     observer(MigrateEvent::DiskStart { disk: d.index, total: d.virtual_size });
-    let window = opts.threads * 2;
-    let next = AtomicUsize::new(0);
-    let abort = AtomicBool::new(false);
-    let hashed = Mutex::new(0usize);
-    let moved = Condvar::new();
-    let (tx, rx) = mpsc::channel::<(usize, Result<Option<Vec<u8>>>)>();
-    let mut error: Option<Error> = None;
-    // SHA-256 of the guest content, in order, on its own thread so that hashing
-    // overlaps writing: it gets each chunk after it is written (None = a zero chunk).
-    let (hash_tx, hash_rx) = mpsc::sync_channel::<(Option<Vec<u8>>, usize)>(window);
-    let digest = std::thread::scope(|s| {
-        let hashing = s.spawn(move || {
-            let zeros = vec![0u8; d.chunk_size as usize];
-            let mut hasher = Sha256::new();
-            for (data, len) in hash_rx {
-                hasher.update(data.as_deref().unwrap_or(&zeros[..len]));
-            }
-            hasher.finalize()
-        });
-        for _ in 0..opts.threads {
-            let tx = tx.clone();
-            let (next, abort, hashed, moved, index) = (&next, &abort, &hashed, &moved, &index);
-            s.spawn(move || loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= count {
-                    break;
-                }
-                {
-                    let mut h = hashed.lock().unwrap_or_else(|p| p.into_inner());
-                    // The worker holding chunk `*h` never waits here, so this ends.
-                    while n >= *h + window && !abort.load(Ordering::Relaxed) {
-                        h = moved.wait(h).unwrap_or_else(|p| p.into_inner());
-                    }
-                }
-                if abort.load(Ordering::Relaxed) {
-                    break;
-                }
-                let range = index.chunk_range(n);
-                let res = match index.get(n) {
-                    Some(IndexEntry::Chunk(a)) => rt
-                        .block_on(fetch_chunk(key, store, &a, range.end - range.start))
-                        .map(Some)
-                        .map_err(|e| e.context(format!("chunk {n} at offset {}", range.start))),
-                    _ => Ok(None),
-                };
-                let failed = res.is_err();
-                if tx.send((n, res)).is_err() || failed {
-                    break;
-                }
-            });
+    let src = Source { key, store, rt, index: &index, disk: d.index, threads: opts.threads, observer };
+    let sha = match (&d.sha256, writer.concurrent()) {
+        // The content hash was recorded at replication and every chunk is checked
+        // against its address, so chunks need no ordering: each worker writes its own,
+        // straight to the device where the filesystem allows.
+        (Some(sha), Some(parallel)) => {
+            parallel.direct_io();
+            src.restore_parallel(parallel.as_ref())?;
+            sha.clone()
         }
-        drop(tx);
-        let mut pending: BTreeMap<usize, Option<Vec<u8>>> = BTreeMap::new();
-        let mut expected = 0usize;
-        for (n, res) in rx.iter() {
-            if error.is_some() {
-                continue;
+        (known, _) => {
+            let digest = src.restore_ordered(writer.as_mut(), known.is_none())?;
+            match (known, digest) {
+                (Some(sha), _) => sha.clone(),
+                (None, Some(digest)) => hex::encode(digest),
+                (None, None) => unreachable!("restore_ordered hashes when asked"),
             }
-            match res {
-                Err(e) => error = Some(e),
-                Ok(data) => {
-                    pending.insert(n, data);
-                }
-            }
-            while error.is_none() {
-                let Some(data) = pending.remove(&expected) else { break };
-                let range = index.chunk_range(expected);
-                let len = (range.end - range.start) as usize;
-                if let Some(bytes) = &data {
-                    // Zero pieces inside a stored chunk are not written: the new image
-                    // reads them as zero already, and stays as sparse as the source.
-                    let written = tern_disk::write_nonzero(
-                        &mut |piece, at| writer.write_at(piece, at),
-                        bytes,
-                        range.start,
-                    );
-                    if let Err(e) = written {
-                        error = Some(Error::from(e).context(format!("writing chunk {expected}")));
-                    }
-                }
-                let _ = hash_tx.send((data, len));
-                observer(MigrateEvent::Progress { disk: d.index, bytes: len as u64 });
-                expected += 1;
-            }
-            let mut h = hashed.lock().unwrap_or_else(|p| p.into_inner());
-            *h = expected;
-            if error.is_some() {
-                abort.store(true, Ordering::Relaxed);
-            }
-            moved.notify_all();
         }
-        if error.is_none() && expected != count {
-            error = Some(Error::corrupt(format!("only {expected} of {count} chunks arrived")));
-        }
-        drop(hash_tx);
-        hashing.join().expect("hashing thread")
-    });
-    if let Some(e) = error {
-        return Err(e);
-    }
+    };
     writer.finish()?;
-    Ok(hex::encode(digest))
+    if opts.verify {
+        let found = hash_image(out, d.virtual_size)?;
+        if found != sha {
+            return Err(Error::corrupt(format!(
+                "the written image reads back with SHA-256 {found}, the point's content is {sha}"
+            )));
+        }
+    }
+    Ok((sha, opts.verify))
+}
+
+/// SHA-256 of the first `size` guest bytes of the image at `path`, read back through
+/// its format (runs mapped as zero are hashed without reading).
+fn hash_image(path: &Path, size: u64) -> Result<String> {
+    let disk = tern_disk::open_disk(path, &tern_disk::OpenOptions::read_only())?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let zeros = vec![0u8; 4 << 20];
+    let mut off = 0;
+    // Bounded: every pass advances by at least one byte or fails.
+    while off < size {
+        let m = disk.mapping(off, size - off)?;
+        if m.length == 0 || m.start != off {
+            return Err(Error::corrupt(format!("{}: malformed mapping at offset {off}", path.display())));
+        }
+        let end = m.end().min(size);
+        while off < end {
+            let n = (end - off).min(buf.len() as u64) as usize;
+            if m.kind == tern_disk::MapKind::Data {
+                disk.read_at(&mut buf[..n], off)?;
+                hasher.update(&buf[..n]);
+            } else {
+                hasher.update(&zeros[..n]);
+            }
+            off += n as u64;
+        }
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Where one disk's chunks come from, for the two ways of writing them.
+struct Source<'a> {
+    key: &'a Key,
+    store: &'a Store,
+    rt: &'a tokio::runtime::Handle,
+    index: &'a BaseIndex,
+    disk: u32,
+    threads: usize,
+    observer: &'a (dyn Fn(MigrateEvent) + Sync),
+}
+
+impl Source<'_> {
+    /// Workers take chunk numbers in order, fetch and verify each into their own aligned
+    /// buffer and write its non-zero pieces; memory is one chunk per worker.
+    fn restore_parallel(&self, writer: &dyn tern_disk::ConcurrentWrite) -> Result<()> {
+        let count = self.index.len();
+        let next = AtomicUsize::new(0);
+        let abort = AtomicBool::new(false);
+        let error: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..self.threads {
+                s.spawn(|| {
+                    let mut buf = tern_disk::AlignedBuf::zeroed(self.index.chunk_size() as usize);
+                    while !abort.load(Ordering::Relaxed) {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= count {
+                            break;
+                        }
+                        let range = self.index.chunk_range(n);
+                        let len = (range.end - range.start) as usize;
+                        let res = match self.index.get(n) {
+                            Some(IndexEntry::Chunk(a)) => {
+                                let data = &mut buf[..len];
+                                self.rt.block_on(fetch_chunk_into(self.key, self.store, &a, data)).and_then(
+                                    |()| {
+                                        // Zero pieces are not written: the new image reads
+                                        // them as zero and stays as sparse as the source.
+                                        tern_disk::write_nonzero(
+                                            &mut |p, at| writer.write_at(p, at),
+                                            data,
+                                            range.start,
+                                        )
+                                        .map_err(|e| Error::from(e).context("writing"))
+                                    },
+                                )
+                            }
+                            _ => Ok(()),
+                        };
+                        match res {
+                            Ok(()) => {
+                                (self.observer)(MigrateEvent::Progress { disk: self.disk, bytes: len as u64 })
+                            }
+                            Err(e) => {
+                                abort.store(true, Ordering::Relaxed);
+                                let e = e.context(format!("chunk {n} at offset {}", range.start));
+                                error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        match error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Workers fetch and verify; this thread writes chunks in order (writers that
+    /// allocate as they go need one caller) and, when `hash`, a thread hashes the guest
+    /// content in order (SHA-256, zero chunks hashed as zeros). Workers may run at most
+    /// a window of chunks ahead of the writer, which bounds memory to about 2 x threads
+    /// chunks.
+    fn restore_ordered(
+        &self,
+        writer: &mut dyn tern_disk::DiskWriter,
+        hash: bool,
+    ) -> Result<Option<[u8; 32]>> {
+        let (index, count) = (self.index, self.index.len());
+        let window = self.threads * 2;
+        let next = AtomicUsize::new(0);
+        let abort = AtomicBool::new(false);
+        let written = Mutex::new(0usize);
+        let moved = Condvar::new();
+        let (tx, rx) = mpsc::channel::<(usize, Result<Option<Vec<u8>>>)>();
+        let mut error: Option<Error> = None;
+        // The hash runs on its own thread so that hashing overlaps writing: it gets each
+        // chunk after it is written (None = a zero chunk).
+        let (hash_tx, hash_rx) = mpsc::sync_channel::<(Option<Vec<u8>>, usize)>(window);
+        let hash_tx = hash.then_some(hash_tx);
+        let digest = std::thread::scope(|s| {
+            let hashing = s.spawn(move || {
+                let zeros = vec![0u8; index.chunk_size() as usize];
+                let mut hasher = Sha256::new();
+                for (data, len) in hash_rx {
+                    hasher.update(data.as_deref().unwrap_or(&zeros[..len]));
+                }
+                <[u8; 32]>::from(hasher.finalize())
+            });
+            for _ in 0..self.threads {
+                let tx = tx.clone();
+                let (next, abort, written, moved) = (&next, &abort, &written, &moved);
+                s.spawn(move || loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= count {
+                        break;
+                    }
+                    {
+                        let mut w = written.lock().unwrap_or_else(|p| p.into_inner());
+                        // The worker holding chunk `*w` never waits here, so this ends.
+                        while n >= *w + window && !abort.load(Ordering::Relaxed) {
+                            w = moved.wait(w).unwrap_or_else(|p| p.into_inner());
+                        }
+                    }
+                    if abort.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let range = index.chunk_range(n);
+                    let res = match index.get(n) {
+                        Some(IndexEntry::Chunk(a)) => self
+                            .rt
+                            .block_on(fetch_chunk(self.key, self.store, &a, range.end - range.start))
+                            .map(Some)
+                            .map_err(|e| e.context(format!("chunk {n} at offset {}", range.start))),
+                        _ => Ok(None),
+                    };
+                    let failed = res.is_err();
+                    if tx.send((n, res)).is_err() || failed {
+                        break;
+                    }
+                });
+            }
+            drop(tx);
+            let mut pending: BTreeMap<usize, Option<Vec<u8>>> = BTreeMap::new();
+            let mut expected = 0usize;
+            for (n, res) in rx.iter() {
+                if error.is_some() {
+                    continue;
+                }
+                match res {
+                    Err(e) => error = Some(e),
+                    Ok(data) => {
+                        pending.insert(n, data);
+                    }
+                }
+                while error.is_none() {
+                    let Some(data) = pending.remove(&expected) else { break };
+                    let range = index.chunk_range(expected);
+                    let len = (range.end - range.start) as usize;
+                    if let Some(bytes) = &data {
+                        // Zero pieces are not written, as in `restore_parallel`.
+                        let res =
+                            tern_disk::write_nonzero(&mut |p, at| writer.write_at(p, at), bytes, range.start);
+                        if let Err(e) = res {
+                            error = Some(Error::from(e).context(format!("writing chunk {expected}")));
+                        }
+                    }
+                    if let Some(h) = &hash_tx {
+                        let _ = h.send((data, len));
+                    }
+                    (self.observer)(MigrateEvent::Progress { disk: self.disk, bytes: len as u64 });
+                    expected += 1;
+                }
+                let mut w = written.lock().unwrap_or_else(|p| p.into_inner());
+                *w = expected;
+                if error.is_some() {
+                    abort.store(true, Ordering::Relaxed);
+                }
+                moved.notify_all();
+            }
+            if error.is_none() && expected != count {
+                error = Some(Error::corrupt(format!("only {expected} of {count} chunks arrived")));
+            }
+            drop(hash_tx);
+            hashing.join().expect("hashing thread")
+        });
+        match error {
+            Some(e) => Err(e),
+            None => Ok(hash.then_some(digest)),
+        }
+    }
 }

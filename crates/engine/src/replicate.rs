@@ -11,15 +11,23 @@
 //! 4. every disk's index, then the manifest. The point exists from that moment;
 //!    snapshots are released.
 //!
+//! Beside the workers, one thread per disk hashes the guest content in order (SHA-256,
+//! recorded in the manifest; `tern migrate` prints it). Workers hand it the chunks they
+//! read, from a bounded pool of buffers; it reads chunks recorded by an earlier run
+//! itself, and hashes mapped-zero chunks as zeros. The pool bounds memory and lets the
+//! hash lag the workers by a few chunks at most.
+//!
 //! A crash loses at most the chunks in flight: recorded chunks are skipped on resume,
 //! and unrecorded ones are re-read and found in the store before any upload.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use tern_chunk::{chunk_address, seal, BaseIndex, ChunkAddress, IndexEntry, Key, ObjectKind};
 use tern_disk::{Disk, MapKind, OpenOptions};
 use tern_store::{Store, StoreStats};
@@ -186,10 +194,12 @@ pub fn replicate(
     let ctx = Ctx { key: &key, store: &store, rt: rt.handle(), throttle, opts, uploads: &uploads };
     let mut indexes = Vec::new();
     let mut reports = Vec::new();
+    let mut digests = Vec::new();
     for d in &disks {
-        let (index, report) = replicate_disk(&ctx, engine, &vm, &repl, d, observer)?;
+        let (index, report, sha) = replicate_disk(&ctx, engine, &vm, &repl, d, observer)?;
         indexes.push(index);
         reports.push(report);
+        digests.push(sha);
     }
 
     // A run that crashed after writing the manifest finds it there: the point exists
@@ -203,7 +213,7 @@ pub fn replicate(
     } else {
         // Indexes, then the manifest: the commit point.
         let mut mdisks = Vec::new();
-        for (d, index) in disks.iter().zip(&indexes) {
+        for ((d, index), sha) in disks.iter().zip(&indexes).zip(&digests) {
             let env = seal(&key, ObjectKind::Index, &index.encode(), 3)?;
             rt.block_on(store.put_index(&vm.id, &repl.point_id, d.disk, Bytes::from(env)))
                 .map_err(|e| Error::from(e).context(format!("storing the index of disk {}", d.disk)))?;
@@ -221,6 +231,7 @@ pub fn replicate(
                 data_chunks: index.entries().iter().filter(|e| matches!(e, IndexEntry::Chunk(_))).count()
                     as u64,
                 index_digest: index_digest(&key, index),
+                sha256: Some(sha.clone()),
             });
         }
         let manifest = Manifest {
@@ -366,7 +377,7 @@ fn replicate_disk(
     repl: &ReplicationRow,
     d: &ReplicationDiskRow,
     observer: &(dyn Fn(ReplicateEvent) + Sync),
-) -> Result<(BaseIndex, DiskReport)> {
+) -> Result<(BaseIndex, DiskReport, String)> {
     let db = engine.db();
     let label = format!("disk {} ({})", d.disk, d.source_path.display());
     let disk = open_source(&d.read_path).map_err(|e| e.context(&label))?;
@@ -407,36 +418,66 @@ fn replicate_disk(
     let next = AtomicUsize::new(0);
     let abort = AtomicBool::new(false);
     let (tx, rx) = mpsc::sync_channel::<Result<ChunkDone>>(ctx.opts.threads * 4);
+    // Chunks for the hashing thread: Some(buffer) holds the chunk's bytes, None = zeros.
+    let (hash_tx, hash_rx) = mpsc::channel::<(usize, Option<Vec<u8>>)>();
+    let pool = BufferPool::new(ctx.opts.threads * 2 + 1, repl.chunk_size as usize);
     let mut first_error: Option<Error> = None;
     let mut updates = Vec::new();
-    std::thread::scope(|s| {
+    let digest = std::thread::scope(|s| {
+        let hashing = {
+            let (abort, done, index, disk, pool, label) =
+                (&abort, &done, &index, disk.as_ref(), &pool, &label);
+            s.spawn(move || {
+                let res = hash_disk(disk, index, done, hash_rx, pool);
+                if res.is_err() {
+                    abort.store(true, Ordering::Relaxed);
+                    pool.wake_all();
+                }
+                res.map_err(|e| e.context(label))
+            })
+        };
         for _ in 0..ctx.opts.threads {
-            let tx = tx.clone();
-            let (next, abort, done, disk, label) = (&next, &abort, &done, disk.as_ref(), &label);
+            let (tx, hash_tx) = (tx.clone(), hash_tx.clone());
+            let (next, abort, done, disk, label, pool) = (&next, &abort, &done, disk.as_ref(), &label, &pool);
             let (size, csize) = (d.virtual_size, repl.chunk_size as u64);
             s.spawn(move || {
-                let mut buf = vec![0u8; repl.chunk_size as usize];
-                while !abort.load(Ordering::Relaxed) {
+                // A buffer is taken before a chunk number, so the chunk the hashing
+                // thread waits for always has one: the pool cannot deadlock.
+                while let Some(mut buf) = pool.take(abort) {
                     let n = next.fetch_add(1, Ordering::Relaxed);
-                    if n >= count {
-                        break;
-                    }
-                    if done[n] {
+                    if n >= count || done[n] {
+                        pool.put(buf);
+                        if n >= count {
+                            break;
+                        }
                         continue;
                     }
                     let start = n as u64 * csize;
                     let range = start..(start + csize).min(size);
                     let res = process_chunk(ctx, disk, &mut buf, n, range.clone())
                         .map_err(|e| e.context(format!("{label}: chunk {n} at offset {}", range.start)));
+                    let data = match &res {
+                        Ok(c) if c.address.is_some() => Some(buf),
+                        _ => {
+                            pool.put(buf);
+                            None
+                        }
+                    };
                     let failed = res.is_err();
+                    if !failed && hash_tx.send((n, data)).is_err() {
+                        abort.store(true, Ordering::Relaxed);
+                        break;
+                    }
                     if tx.send(res).is_err() || failed {
                         abort.store(true, Ordering::Relaxed);
+                        pool.wake_all();
                         break;
                     }
                 }
             });
         }
         drop(tx);
+        drop(hash_tx);
         let mut batch: Vec<(u64, Option<[u8; 32]>, u64, u64)> = Vec::new();
         let mut last_flush = Instant::now();
         let flush = |batch: &mut Vec<_>, first_error: &mut Option<Error>| {
@@ -473,16 +514,110 @@ fn replicate_disk(
             }
         }
         flush(&mut batch, &mut first_error);
+        hashing.join().expect("hashing thread")
     });
     if let Some(e) = first_error {
         return Err(e);
     }
+    let digest =
+        digest?.ok_or_else(|| Error::corrupt(format!("{label}: chunks missing from the content hash")))?;
     for (n, e) in updates {
         index.set(n, e)?;
     }
     db.set_disk_state(&vm.id, &repl.point_id, d.disk, "done")?;
     observer(ReplicateEvent::DiskDone { disk: d.disk });
-    Ok((index, report))
+    Ok((index, report, hex::encode(digest)))
+}
+
+/// Chunk-sized buffers shared by a disk's workers and its hashing thread.
+struct BufferPool {
+    free: Mutex<Vec<Vec<u8>>>,
+    moved: Condvar,
+}
+
+impl BufferPool {
+    fn new(count: usize, size: usize) -> BufferPool {
+        BufferPool { free: Mutex::new((0..count).map(|_| vec![0u8; size]).collect()), moved: Condvar::new() }
+    }
+
+    /// A free buffer; `None` once `abort` is set.
+    fn take(&self, abort: &AtomicBool) -> Option<Vec<u8>> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if abort.load(Ordering::Relaxed) {
+                return None;
+            }
+            if let Some(b) = free.pop() {
+                return Some(b);
+            }
+            // The timeout only guards against a missed wake-up; put and wake_all notify.
+            free = self
+                .moved
+                .wait_timeout(free, Duration::from_millis(200))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        self.free.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+        self.moved.notify_one();
+    }
+
+    fn wake_all(&self) {
+        let _guard = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        self.moved.notify_all();
+    }
+}
+
+/// SHA-256 of the guest content of `disk`, chunk by chunk in order: chunks recorded by
+/// an earlier run (`done`) are read here (or are zero per `index`), the others arrive
+/// from the workers. `None` when the workers stopped before every chunk arrived.
+fn hash_disk(
+    disk: &dyn Disk,
+    index: &BaseIndex,
+    done: &[bool],
+    rx: mpsc::Receiver<(usize, Option<Vec<u8>>)>,
+    pool: &BufferPool,
+) -> Result<Option<[u8; 32]>> {
+    let zeros = vec![0u8; index.chunk_size() as usize];
+    let mut own = Vec::new();
+    let mut pending: BTreeMap<usize, Option<Vec<u8>>> = BTreeMap::new();
+    let mut hasher = Sha256::new();
+    for (n, &recorded) in done.iter().enumerate().take(index.len()) {
+        let range = index.chunk_range(n);
+        let len = (range.end - range.start) as usize;
+        if recorded {
+            if let Some(IndexEntry::Chunk(_)) = index.get(n) {
+                own.resize(len, 0);
+                disk.read_at(&mut own[..len], range.start)
+                    .map_err(|e| Error::from(e).context(format!("hashing chunk {n}")))?;
+                hasher.update(&own[..len]);
+            } else {
+                hasher.update(&zeros[..len]);
+            }
+            continue;
+        }
+        let data = loop {
+            if let Some(data) = pending.remove(&n) {
+                break data;
+            }
+            match rx.recv() {
+                Ok((m, data)) => {
+                    pending.insert(m, data);
+                }
+                Err(_) => return Ok(None),
+            }
+        };
+        match data {
+            Some(buf) => {
+                hasher.update(&buf[..len]);
+                pool.put(buf);
+            }
+            None => hasher.update(&zeros[..len]),
+        }
+    }
+    Ok(Some(hasher.finalize().into()))
 }
 
 /// Whether `disk` maps every byte of `range` as zero or unallocated.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 mod support;
 
 use support::{host, run_migrate, run_replicate, sha256_file, walk};
+use tern_engine::MigrateReport;
 use tern_engine::{
     verify, Engine, EngineOptions, ErrorKind, Firmware, MigrateFormat, ReplicateOptions, VerifyOptions,
 };
@@ -154,6 +155,9 @@ fn resume_after_failure_reuploads_at_most_the_chunks_in_flight() {
     assert!(total <= clean_chunks + bound, "uploaded {total} over two runs, clean run {clean_chunks}");
     let m = run_migrate(&h.engine, "big", MigrateFormat::Raw, &h.root.join("out")).unwrap();
     qemu_compare(&src, &m.disks[0].path);
+    // The content hash spans both runs: the resumed run hashed the chunks the first
+    // one had recorded by reading them again.
+    assert_eq!(m.disks[0].sha256, sha256_file(&src));
 }
 
 fn chunk_files(store: &Path) -> Vec<PathBuf> {
@@ -228,5 +232,91 @@ fn threads_out_of_range_are_refused() {
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
         assert!(e.to_string().contains("1 to 32"), "{e}");
+    }
+}
+
+/// The (only) manifest of a file:// store, and where it is.
+fn read_manifest(h: &support::Host) -> (PathBuf, tern_engine::Manifest) {
+    let path = walk(&h.root.join("data"))
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "manifest"))
+        .expect("a manifest in the store");
+    let key = h.engine.load_key().unwrap();
+    let m = tern_engine::Manifest::open(&key, &std::fs::read(&path).unwrap()).unwrap();
+    (path, m)
+}
+
+/// Rewrite the (only) manifest of a file:// store in place, sealed with the right key:
+/// what a store holding a point made by another tern version, or a forged one, looks like.
+fn rewrite_manifest(h: &support::Host, change: impl FnOnce(&mut tern_engine::Manifest)) {
+    let key = h.engine.load_key().unwrap();
+    let (path, mut m) = read_manifest(h);
+    change(&mut m);
+    std::fs::write(&path, m.seal(&key).unwrap()).unwrap();
+}
+
+fn migrate_with(
+    h: &support::Host,
+    fmt: MigrateFormat,
+    out: &Path,
+    verify: bool,
+) -> tern_engine::Result<MigrateReport> {
+    tern_engine::migrate(
+        &h.engine,
+        "app",
+        &tern_engine::MigrateOptions {
+            point: tern_engine::PointSelector::Latest,
+            format: fmt,
+            out_dir: out.into(),
+            test: false,
+            threads: 3,
+            sync: false,
+            verify,
+        },
+        &|_| {},
+    )
+}
+
+#[test]
+fn a_point_records_the_guest_sha256_and_verify_checks_the_output_against_it() {
+    let h = host();
+    let src = h.root.join("app.raw");
+    tern_engine::sample::write_sample_disk(&src, 24 << 20, 5).unwrap();
+    support::add_vm(&h.engine, "app", std::slice::from_ref(&src));
+    run_replicate(&h.engine, "app", &ReplicateOptions::default()).unwrap();
+    assert_eq!(read_manifest(&h).1.disks[0].sha256, Some(sha256_file(&src)));
+
+    for fmt in [MigrateFormat::Raw, MigrateFormat::Vhdx] {
+        let m = migrate_with(&h, fmt, &h.root.join(format!("ok-{fmt:?}")), true).unwrap();
+        assert!(m.disks[0].verified);
+        assert_eq!(m.disks[0].sha256, sha256_file(&src));
+    }
+    // A manifest whose digest does not match the chunks (forged with the key, or a bug):
+    // without --verify the chunks still check out against their addresses; with it the
+    // mismatch is found, named, and no image is left.
+    rewrite_manifest(&h, |m| m.disks[0].sha256 = Some("0".repeat(64)));
+    for fmt in [MigrateFormat::Raw, MigrateFormat::Qcow2] {
+        let out = h.root.join(format!("bad-{fmt:?}"));
+        let e = migrate_with(&h, fmt, &out, true).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        assert!(e.to_string().contains("reads back with SHA-256"), "{e}");
+        let left: Vec<_> = walk(&out).into_iter().filter(|p| !p.is_dir()).collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
+
+#[test]
+fn a_point_without_a_recorded_sha256_is_hashed_while_migrating() {
+    let h = host();
+    let src = h.root.join("app.raw");
+    tern_engine::sample::write_sample_disk(&src, 20 << 20, 9).unwrap();
+    support::add_vm(&h.engine, "app", std::slice::from_ref(&src));
+    run_replicate(&h.engine, "app", &ReplicateOptions::default()).unwrap();
+    rewrite_manifest(&h, |m| m.disks[0].sha256 = None);
+    for fmt in [MigrateFormat::Raw, MigrateFormat::Azure, MigrateFormat::Qcow2] {
+        let m = migrate_with(&h, fmt, &h.root.join(format!("out-{fmt:?}")), true).unwrap();
+        assert_eq!(m.disks[0].sha256, sha256_file(&src), "{fmt:?}");
+        assert!(m.disks[0].verified);
+        qemu_compare_fmt(&src, &m.disks[0].path, fmt);
     }
 }

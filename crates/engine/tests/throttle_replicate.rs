@@ -74,6 +74,7 @@ fn a_limited_replication_takes_its_bytes_time_at_the_limit_and_restores_exactly(
             test: false,
             threads: 2,
             sync: true,
+            verify: false,
         },
         &|_| {},
     )

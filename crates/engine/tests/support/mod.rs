@@ -69,6 +69,7 @@ pub fn run_migrate(
             test: false,
             threads: 3,
             sync: true,
+            verify: true,
         },
         &|_| {},
     )
