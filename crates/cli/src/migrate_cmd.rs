@@ -61,6 +61,9 @@ pub struct MigrateArgs {
     /// Do not show progress bars even on a terminal.
     #[arg(long)]
     no_progress: bool,
+    /// Print the result as JSON on stdout (no progress bars).
+    #[arg(long)]
+    json: bool,
 }
 
 /// Every chunk is verified; on any error no image is left and the exit status is 1.
@@ -86,7 +89,10 @@ pub fn run(g: &GlobalArgs, a: MigrateArgs) -> Result<ExitCode> {
         let mut bars = bars.lock().unwrap_or_else(|p| p.into_inner());
         match ev {
             MigrateEvent::DiskStart { disk, total } => {
-                bars.insert(disk, multi.add(bytes_bar(&format!("disk {disk}"), total, !a.no_progress)));
+                bars.insert(
+                    disk,
+                    multi.add(bytes_bar(&format!("disk {disk}"), total, !a.no_progress && !a.json)),
+                );
             }
             MigrateEvent::Progress { disk, bytes } => {
                 if let Some(b) = bars.get(&disk) {
@@ -107,6 +113,34 @@ pub fn run(g: &GlobalArgs, a: MigrateArgs) -> Result<ExitCode> {
     let r = tern_engine::migrate(&engine, &a.name, &opts, &observer)?;
     for b in bars.lock().unwrap_or_else(|p| p.into_inner()).values() {
         b.finish();
+    }
+    if a.json {
+        let disks: Vec<_> = r
+            .disks
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "disk": d.disk,
+                    "path": d.path,
+                    "virtual_size": d.virtual_size,
+                    "output_size": d.output_size,
+                    "sha256": d.sha256,
+                    "verified": d.verified,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "vm": r.vm,
+            "point_id": r.point_id,
+            "instant": r.instant,
+            "test": a.test,
+            "format": format.name(),
+            "disks": disks,
+            "libvirt_xml": r.libvirt_xml,
+            "arm_template": r.arm_template,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
     }
     let kind = if a.test { "test migration" } else { "migration" };
     println!("{kind} of VM {} at point {} ({})", r.vm, r.point_id, r.instant);

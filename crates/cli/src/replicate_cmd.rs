@@ -29,6 +29,9 @@ pub struct ReplicateArgs {
     /// Do not show progress bars even on a terminal.
     #[arg(long)]
     no_progress: bool,
+    /// Print the result as JSON on stdout (no progress bars; warnings stay on stderr).
+    #[arg(long)]
+    json: bool,
 }
 
 /// Replicate: disks one after another, a progress bar per disk, a summary at the end.
@@ -53,7 +56,7 @@ pub fn replicate(g: &GlobalArgs, a: ReplicateArgs) -> Result<ExitCode> {
                 eprintln!("{verb} point {point_id} of VM {}", a.name);
             }
             ReplicateEvent::DiskStart { disk, total, done } => {
-                let bar = multi.add(bytes_bar(&format!("disk {disk}"), total, !a.no_progress));
+                let bar = multi.add(bytes_bar(&format!("disk {disk}"), total, !a.no_progress && !a.json));
                 bar.set_position(done);
                 bars.insert(disk, bar);
             }
@@ -71,6 +74,36 @@ pub fn replicate(g: &GlobalArgs, a: ReplicateArgs) -> Result<ExitCode> {
     };
     let opts = ReplicateOptions { threads, force: a.force, ..Default::default() };
     let r = tern_engine::replicate(&engine, &a.name, &opts, &throttle, &observer)?;
+    if a.json {
+        let disks: Vec<_> = r
+            .disks
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "disk": d.disk,
+                    "virtual_size": d.virtual_size,
+                    "chunks": d.chunks,
+                    "resumed_chunks": d.resumed_chunks,
+                    "zero_chunks": d.zero_chunks,
+                    "dedup_chunks": d.dedup_chunks,
+                    "uploaded_chunks": d.uploaded_chunks,
+                    "uploaded_bytes": d.uploaded_bytes,
+                    "read_bytes": d.read_bytes,
+                    "snapshot": d.snapshot.name(),
+                    "sha256": d.sha256,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "vm": r.vm,
+            "point_id": r.point_id,
+            "resumed": r.resumed,
+            "store": engine.store_url(),
+            "disks": disks,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     for d in &r.disks {
         println!(
             "disk {}: {} in {} chunks: {} uploaded ({}), {} already in the store, {} zero{}",

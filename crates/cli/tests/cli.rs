@@ -83,8 +83,10 @@ fn replicate_then_migrate_elsewhere_with_only_store_and_key() {
     ok(tern(&data)
         .args(["vm", "add", "web", "--cpus", "4", "--memory", "8G", "--firmware", "uefi", "--disk"])
         .arg(&img));
-    let out = ok(tern(&data).args(["replicate", "web", "--threads", "3"]));
-    assert!(out.contains("recovery point"), "{out}");
+    let out = ok(tern(&data).args(["replicate", "web", "--threads", "3", "--json"]));
+    let rep: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rep["disks"][0]["sha256"], sha256(&img));
+    assert_eq!(rep["disks"][0]["chunks"], 6);
     let st: serde_json::Value =
         serde_json::from_str(&ok(tern(&data).args(["status", "web", "--json"]))).unwrap();
     assert_eq!(st[0]["state"], "protected");
@@ -123,6 +125,18 @@ fn replicate_then_migrate_elsewhere_with_only_store_and_key() {
         .arg("--out")
         .arg(d.path().join("o2")));
     assert!(verified.contains(&format!("sha256 {} (read back and verified)", sha256(&img))), "{verified}");
+    let j: serde_json::Value = serde_json::from_str(&ok(tern(&other)
+        .args(["migrate", "web", "--format", "azure", "--json", "--store", &store, "--key-file"])
+        .arg(&key)
+        .arg("--out")
+        .arg(d.path().join("o3"))))
+    .unwrap();
+    assert_eq!(
+        (j["format"].as_str(), j["disks"][0]["sha256"].as_str()),
+        (Some("azure"), Some(&*sha256(&img)))
+    );
+    assert_eq!(j["disks"][0]["output_size"], 24u64 << 20);
+    assert!(std::path::Path::new(j["libvirt_xml"].as_str().unwrap()).exists());
     let xml = std::fs::read_to_string(outdir.join("web.xml")).unwrap();
     assert!(xml.contains("<vcpu>4</vcpu>") && xml.contains("<memory unit='KiB'>8388608</memory>"), "{xml}");
     let test_out = ok(tern(&other)

@@ -60,6 +60,17 @@ impl MigrateFormat {
         })
     }
 
+    /// The `--format` value naming it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrateFormat::Raw => "raw",
+            MigrateFormat::Qcow2 => "qcow2",
+            MigrateFormat::Vhd => "vhd",
+            MigrateFormat::Vhdx => "vhdx",
+            MigrateFormat::Azure => "azure",
+        }
+    }
+
     /// File extension of outputs.
     pub fn extension(self) -> &'static str {
         match self {

@@ -132,6 +132,8 @@ pub struct DiskReport {
     pub read_bytes: u64,
     /// How the disk was read: a reflink copy, or the image in place.
     pub snapshot: SnapshotKind,
+    /// SHA-256 of the guest content, hex (as recorded in the manifest).
+    pub sha256: String,
 }
 
 /// The result of a replication.
@@ -526,7 +528,9 @@ fn replicate_disk(
     }
     db.set_disk_state(&vm.id, &repl.point_id, d.disk, "done")?;
     observer(ReplicateEvent::DiskDone { disk: d.disk });
-    Ok((index, report, hex::encode(digest)))
+    report.sha256 = hex::encode(digest);
+    let sha = report.sha256.clone();
+    Ok((index, report, sha))
 }
 
 /// Chunk-sized buffers shared by a disk's workers and its hashing thread.
