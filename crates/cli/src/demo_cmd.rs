@@ -108,7 +108,8 @@ pub fn run(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
             m.arm_template.display()
         );
     }
-    let v = tern_engine::verify(&engine, &tern_engine::VerifyOptions { read_data: true })?;
+    let v =
+        tern_engine::verify(&engine, &tern_engine::VerifyOptions { read_data: true, ..Default::default() })?;
     println!(
         "6. verified the store: {} point(s), {} chunk(s) read and checked, {} problem(s)  (tern store verify --read-data)",
         v.points,

@@ -30,6 +30,9 @@ pub enum StoreCommand {
         /// length (reads the whole store).
         #[arg(long)]
         read_data: bool,
+        /// Chunks fetched and checked at once with --read-data, 1 to 32.
+        #[arg(long, default_value_t = tern_engine::DEFAULT_THREADS)]
+        threads: usize,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -56,8 +59,8 @@ pub fn key(g: &GlobalArgs, cmd: KeyCommand) -> Result<ExitCode> {
 pub fn store(g: &GlobalArgs, cmd: StoreCommand) -> Result<ExitCode> {
     let engine = g.engine()?;
     match cmd {
-        StoreCommand::Verify { read_data, json } => {
-            let r = tern_engine::verify(&engine, &VerifyOptions { read_data })?;
+        StoreCommand::Verify { read_data, threads, json } => {
+            let r = tern_engine::verify(&engine, &VerifyOptions { read_data, threads })?;
             if json {
                 let problems: Vec<_> = r
                     .problems

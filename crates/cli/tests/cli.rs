@@ -145,7 +145,13 @@ fn replicate_then_migrate_elsewhere_with_only_store_and_key() {
         .arg("--out")
         .arg(&outdir));
     assert!(test_out.contains("web-test-disk0.vhd"), "{test_out}");
-    ok(tern(&other).args(["store", "verify", "--read-data", "--store", &store, "--key-file"]).arg(&key));
+    ok(tern(&other)
+        .args(["store", "verify", "--read-data", "--threads", "8", "--store", &store, "--key-file"])
+        .arg(&key));
+    let e = fails(
+        tern(&other).args(["store", "verify", "--threads", "33", "--store", &store, "--key-file"]).arg(&key),
+    );
+    assert!(e.contains("--threads 33 is out of range"), "{e}");
 }
 
 #[test]

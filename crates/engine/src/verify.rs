@@ -4,6 +4,8 @@
 //! reported with the VM, point, disk and chunk number that reference it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use tern_chunk::{ChunkAddress, IndexEntry, ENVELOPE_OVERHEAD};
 
@@ -11,10 +13,18 @@ use crate::migrate::{fetch_chunk, fetch_index};
 use crate::{Engine, Manifest, Result};
 
 /// Options.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct VerifyOptions {
     /// Fetch and open every chunk instead of only checking that it exists.
     pub read_data: bool,
+    /// Chunks fetched at once with `read_data`, 1..=32.
+    pub threads: usize,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions { read_data: false, threads: crate::DEFAULT_THREADS }
+    }
 }
 
 /// One problem found.
@@ -62,6 +72,7 @@ pub struct VerifyReport {
 
 /// Verify the engine's store.
 pub fn verify(engine: &Engine, opts: &VerifyOptions) -> Result<VerifyReport> {
+    crate::check_threads(opts.threads)?;
     let key = engine.load_key()?;
     let store = engine.open_store()?;
     let rt = engine.runtime()?;
@@ -106,25 +117,43 @@ pub fn verify(engine: &Engine, opts: &VerifyOptions) -> Result<VerifyReport> {
                         continue;
                     }
                 };
-                for (n, e) in index.entries().iter().enumerate() {
-                    let IndexEntry::Chunk(addr) = e else { continue };
+                let refs: Vec<(usize, ChunkAddress)> = index
+                    .entries()
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(n, e)| match e {
+                        IndexEntry::Chunk(a) => Some((n, *a)),
+                        _ => None,
+                    })
+                    .collect();
+                // Verdicts for chunks not seen before; those to read are read below.
+                let mut to_read = Vec::new();
+                for &(n, addr) in &refs {
                     report.chunk_refs += 1;
-                    let range = index.chunk_range(n);
-                    let verdict = checked.entry(*addr).or_insert_with(|| {
-                        report.distinct_chunks += 1;
-                        match listed.get(addr) {
-                            None => Some(format!("chunk object {addr} is missing from the store")),
-                            Some(&size) if size < ENVELOPE_OVERHEAD as u64 => {
-                                Some(format!("chunk object {addr} is truncated ({size} bytes)"))
-                            }
-                            Some(_) if opts.read_data => rt
-                                .block_on(fetch_chunk(&key, &store, addr, range.end - range.start))
-                                .err()
-                                .map(|e| e.to_string()),
-                            Some(_) => None,
+                    if checked.contains_key(&addr) {
+                        continue;
+                    }
+                    report.distinct_chunks += 1;
+                    let verdict = match listed.get(&addr) {
+                        None => Some(format!("chunk object {addr} is missing from the store")),
+                        Some(&size) if size < ENVELOPE_OVERHEAD as u64 => {
+                            Some(format!("chunk object {addr} is truncated ({size} bytes)"))
                         }
-                    });
-                    if let Some(msg) = verdict {
+                        Some(_) if opts.read_data => {
+                            let range = index.chunk_range(n);
+                            to_read.push((addr, range.end - range.start));
+                            None
+                        }
+                        Some(_) => None,
+                    };
+                    checked.insert(addr, verdict);
+                }
+                let read = read_chunks(&key, &store, rt.handle(), &to_read, opts.threads);
+                for ((addr, _), verdict) in to_read.iter().zip(read) {
+                    checked.insert(*addr, verdict);
+                }
+                for &(n, addr) in &refs {
+                    if let Some(msg) = &checked[&addr] {
                         report.problems.push(Problem {
                             vm: vm.clone(),
                             point: point.clone(),
@@ -138,4 +167,28 @@ pub fn verify(engine: &Engine, opts: &VerifyOptions) -> Result<VerifyReport> {
         }
     }
     Ok(report)
+}
+
+/// Fetch and open `chunks` (address, guest length) with `threads` workers; per chunk
+/// `None` when it is good, else what is wrong.
+fn read_chunks(
+    key: &tern_chunk::Key,
+    store: &tern_store::Store,
+    rt: &tokio::runtime::Handle,
+    chunks: &[(ChunkAddress, u64)],
+    threads: usize,
+) -> Vec<Option<String>> {
+    let next = AtomicUsize::new(0);
+    let verdicts: Mutex<Vec<Option<String>>> = Mutex::new(vec![None; chunks.len()]);
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, crate::MAX_THREADS) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((addr, len)) = chunks.get(i) else { break };
+                let verdict = rt.block_on(fetch_chunk(key, store, addr, *len)).err().map(|e| e.to_string());
+                verdicts.lock().unwrap_or_else(|p| p.into_inner())[i] = verdict;
+            });
+        }
+    });
+    verdicts.into_inner().unwrap_or_else(|p| p.into_inner())
 }

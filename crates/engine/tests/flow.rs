@@ -64,7 +64,7 @@ fn round_trip_to_every_format() {
             serde_json::from_str(&std::fs::read_to_string(&m.arm_template).unwrap()).unwrap();
         assert_eq!(arm["resources"].as_array().unwrap().len(), 4);
     }
-    let v = verify(&h.engine, &VerifyOptions { read_data: true }).unwrap();
+    let v = verify(&h.engine, &VerifyOptions { read_data: true, ..Default::default() }).unwrap();
     assert!(v.problems.is_empty(), "{:?}", v.problems);
     assert_eq!(v.points, 1);
 }
@@ -204,7 +204,7 @@ fn damaged_objects_are_named_and_no_image_is_left() {
         } else {
             damage(&chunk_files(&store)[0]);
         }
-        let v = verify(&h.engine, &VerifyOptions { read_data: true }).unwrap();
+        let v = verify(&h.engine, &VerifyOptions { read_data: true, ..Default::default() }).unwrap();
         assert!(!v.problems.is_empty(), "{what}: verify found nothing");
         let p = &v.problems[0];
         assert_eq!(p.disk, Some(0), "{what}: {p}");

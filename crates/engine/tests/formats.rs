@@ -150,6 +150,6 @@ fn every_source_format_to_every_output_format() {
         // Outputs are not needed any more: keep the temp folder small.
         std::fs::remove_dir_all(&out).unwrap();
     }
-    let v = verify(&h.engine, &VerifyOptions { read_data: true }).unwrap();
+    let v = verify(&h.engine, &VerifyOptions { read_data: true, ..Default::default() }).unwrap();
     assert!(v.problems.is_empty(), "{:?}", v.problems);
 }
