@@ -169,13 +169,24 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
         let done: u64 = disks.iter().map(|d| d.bytes_done).sum();
         let total: u64 = disks.iter().map(|d| d.virtual_size).sum();
         let running = r.state == "running";
+        // A running replication holds its VM's lock; one recorded as running without
+        // it was stopped (failed, killed, machine restarted) and resumes with
+        // `tern replicate`.
+        let alive = running && tern_engine::replication_running(&engine, &vm.id)?;
         let elapsed = r.run_started.as_deref().and_then(parse_time).map(|t| (now - t).as_seconds_f64());
-        let rate = match (running, elapsed) {
-            (true, Some(e)) if e >= 1.0 => Some(done.saturating_sub(r.run_base_bytes) as f64 / e),
+        // The rate over the last minute; the average since the run started until the
+        // first minute's samples exist.
+        let rate = match (running && alive, r.recent_rate, elapsed) {
+            (true, Some(recent), _) => Some(recent as f64),
+            (true, None, Some(e)) if e >= 1.0 => Some(done.saturating_sub(r.run_base_bytes) as f64 / e),
             _ => None,
         };
         let eta = rate.filter(|&r| r > 0.0).map(|rate| total.saturating_sub(done) as f64 / rate);
-        let state = if running { "replicating" } else { "protected" };
+        let state = match (running, alive) {
+            (true, true) => "replicating",
+            (true, false) => "interrupted",
+            (false, _) => "protected",
+        };
         out.push(serde_json::json!({
             "vm": vm.name,
             "state": state,
@@ -222,6 +233,9 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
         }
         if let Some(eta) = v["eta_seconds"].as_f64() {
             line += &format!(", ETA {}", fmt_duration(eta));
+        }
+        if state == "interrupted" {
+            line += &format!(" (run `tern replicate {name}` to resume)");
         }
         println!("{line}");
         for d in v["disks"].as_array().into_iter().flatten() {

@@ -95,7 +95,7 @@ fn wrong_or_missing_key_is_refused_before_any_upload_and_the_next_run_resumes() 
         let s = status(&data, "b");
         assert_eq!(
             (s["state"].as_str(), s["point"].as_str()),
-            (Some("replicating"), Some(point.as_str())),
+            (Some("interrupted"), Some(point.as_str())),
             "{what}"
         );
         assert!(!d.path().join("out-wrong").join("a-disk0.raw").exists(), "{what}: migrate wrote an image");

@@ -119,7 +119,7 @@ fn store_cut_off_mid_replication_then_restored_resumes() {
     let line = one_error_line(&stderr);
     assert!(line.contains(&format!("store {url}: ")), "{line}");
     let s = status(&data, "db");
-    assert_eq!(s["state"], "replicating", "no point was committed: {s}");
+    assert_eq!(s["state"], "interrupted", "no point was committed: {s}");
     let point = s["point"].as_str().unwrap().to_string();
 
     // Restored on the same address: the run resumes the same point.
@@ -163,7 +163,7 @@ fn full_store_fails_clearly_harms_nothing_and_resumes_after_growing() {
     assert!(line.contains(&format!("store file://{store}: ")), "{line}");
     assert!(line.contains("disk 0") && line.contains("chunk "), "{line}");
     let s = status(&data, "big");
-    assert_eq!(s["state"], "replicating", "{s}");
+    assert_eq!(s["state"], "interrupted", "{s}");
     // The point made before the store filled is intact.
     let v = ok(tern(&data).args(["store", "verify", "--read-data", "--store", &store]));
     assert!(v.contains("1 point(s)") && v.contains(" 0 problem(s)"), "{v}");

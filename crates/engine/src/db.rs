@@ -15,7 +15,7 @@ use crate::{Error, ErrorKind, Result};
 
 /// Schema version this build writes. NEVER reuse a number: each version's DDL is kept
 /// in [`MIGRATIONS`] so that any older database can be upgraded.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // Version 1.
@@ -82,6 +82,11 @@ const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     );
     "#,
+    // Version 2: a running replication's heartbeat and recent rate, for `tern status`.
+    r#"
+    ALTER TABLE replications ADD COLUMN heartbeat TEXT;
+    ALTER TABLE replications ADD COLUMN recent_rate INTEGER;
+    "#,
 ];
 
 /// The open state database. One connection behind a mutex: writers are few (one
@@ -113,6 +118,11 @@ pub struct ReplicationRow {
     pub run_base_bytes: u64,
     /// When the point was committed.
     pub finished: Option<String>,
+    /// When the replicating process last said it is alive (RFC 3339; about every
+    /// second while it runs).
+    pub heartbeat: Option<String>,
+    /// Guest bytes per second over the last minute of the run, as of the heartbeat.
+    pub recent_rate: Option<u64>,
 }
 
 /// One disk of a replication.
@@ -304,11 +314,13 @@ impl StateDb {
             run_started: r.get(6)?,
             run_base_bytes: to_u64(r.get(7)?),
             finished: r.get(8)?,
+            heartbeat: r.get(9)?,
+            recent_rate: r.get::<_, Option<i64>>(10)?.map(to_u64),
         })
     }
 
     const REPL_COLS: &'static str =
-        "vm_id, point_id, store_url, state, instant, chunk_size, run_started, run_base_bytes, finished";
+        "vm_id, point_id, store_url, state, instant, chunk_size, run_started, run_base_bytes, finished, heartbeat, recent_rate";
 
     /// The unfinished replication of `vm_id` to `store_url`, if any.
     pub fn running_replication(&self, vm_id: &str, store_url: &str) -> Result<Option<ReplicationRow>> {
@@ -379,6 +391,16 @@ impl StateDb {
              (SELECT COALESCE(SUM(bytes_done), 0) FROM replication_disks WHERE vm_id = ?1 AND point_id = ?2) \
              WHERE vm_id = ?1 AND point_id = ?2",
             params![vm_id, point_id, crate::now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    /// Record that the replication is alive now, and its recent rate.
+    pub fn heartbeat(&self, vm_id: &str, point_id: &str, recent_rate: Option<u64>) -> Result<()> {
+        let rate = recent_rate.map(|r| to_i64(r, "rate")).transpose()?;
+        self.conn().execute(
+            "UPDATE replications SET heartbeat = ?3, recent_rate = ?4 WHERE vm_id = ?1 AND point_id = ?2",
+            params![vm_id, point_id, crate::now_rfc3339(), rate],
         )?;
         Ok(())
     }
@@ -577,6 +599,27 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_database_is_upgraded_with_its_rows() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.db");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO replications (vm_id, point_id, store_url, state, instant, chunk_size)                  VALUES ('v', 'p', 'file:///s', 'running', '2026-01-01T00:00:00Z', 4194304)",
+                [],
+            )
+            .unwrap();
+        }
+        let db = StateDb::open(&p).unwrap();
+        let v: i64 = db.conn().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(v, 2);
+        let r = db.running_replication("v", "file:///s").unwrap().unwrap();
+        assert_eq!((r.heartbeat, r.recent_rate), (None, None));
+    }
+
+    #[test]
     fn vms_round_trip_and_names_are_unique() {
         let d = tempfile::tempdir().unwrap();
         let db = StateDb::open(&d.path().join("t.db")).unwrap();
@@ -605,6 +648,8 @@ mod tests {
             run_started: None,
             run_base_bytes: 0,
             finished: None,
+            heartbeat: None,
+            recent_rate: None,
         };
         let disk = ReplicationDiskRow {
             disk: 0,
@@ -625,5 +670,9 @@ mod tests {
         assert_eq!(disks[0].bytes_uploaded, 100);
         assert_eq!(db.recorded_chunks(&a.id, "p1", 0).unwrap(), vec![(0, None), (1, Some([7; 32]))]);
         assert_eq!(db.running_replication(&a.id, "file:///s").unwrap().unwrap().point_id, "p1");
+        db.heartbeat(&a.id, "p1", Some(12345)).unwrap();
+        let r = db.last_replication(&a.id).unwrap().unwrap();
+        assert_eq!(r.recent_rate, Some(12345));
+        assert!(r.heartbeat.is_some());
     }
 }

@@ -23,6 +23,7 @@ mod catalog;
 mod db;
 mod engine;
 mod error;
+mod lock;
 mod manifest;
 mod migrate;
 mod paths;
@@ -38,6 +39,7 @@ pub use catalog::{find_vm, list_points, PointInfo};
 pub use db::{PointRow, ReplicationDiskRow, ReplicationRow, StateDb, SCHEMA_VERSION};
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, ErrorKind, Result};
+pub use lock::{replication_running, RunLock};
 pub use manifest::{
     check_point_id, new_point_id, Manifest, ManifestDisk, ManifestVm, MANIFEST_FORMAT, MANIFEST_VERSION,
 };

@@ -64,6 +64,11 @@ impl DataDir {
         self.root.join("snapshots")
     }
 
+    /// `locks/`, one lock file per VM, held while a replication of it runs.
+    pub fn locks_dir(&self) -> PathBuf {
+        self.root.join("locks")
+    }
+
     /// `file://<data-dir>/store`, the default store.
     pub fn default_store_url(&self) -> String {
         format!("file://{}", self.root.join("store").display())

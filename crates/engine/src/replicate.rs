@@ -35,6 +35,7 @@ use tern_store::{Store, StoreStats};
 use crate::manifest::{index_digest, new_point_id, Manifest, ManifestDisk, ManifestVm};
 use crate::snapshot::{self, SnapshotKind};
 use crate::throttle::Throttle;
+use crate::RunLock;
 use crate::{
     Engine, Error, ErrorKind, PointRow, ReplicationDiskRow, ReplicationRow, Result, VmDef, MANIFEST_FORMAT,
     MANIFEST_VERSION, MAX_THREADS,
@@ -161,6 +162,7 @@ pub fn replicate(
 ) -> Result<ReplicateReport> {
     check_threads(opts.threads)?;
     let vm = engine.vm(name)?;
+    let _running = RunLock::acquire(engine, &vm.id, &vm.name)?;
     let store = engine.open_store()?;
     let rt = engine.runtime()?;
     let (key, cfg) = rt.block_on(engine.key_for_writing(&store))?;
@@ -191,6 +193,8 @@ pub fn replicate(
     };
     observer(ReplicateEvent::Point { point_id: repl.point_id.clone(), resumed });
     db.mark_run_started(&vm.id, &repl.point_id)?;
+    db.heartbeat(&vm.id, &repl.point_id, None)?;
+    let mut window = RateWindow::default();
 
     let uploads = AtomicU64::new(0);
     let ctx = Ctx { key: &key, store: &store, rt: rt.handle(), throttle, opts, uploads: &uploads };
@@ -198,7 +202,7 @@ pub fn replicate(
     let mut reports = Vec::new();
     let mut digests = Vec::new();
     for d in &disks {
-        let (index, report, sha) = replicate_disk(&ctx, engine, &vm, &repl, d, observer)?;
+        let (index, report, sha) = replicate_disk(&ctx, engine, &vm, &repl, d, &mut window, observer)?;
         indexes.push(index);
         reports.push(report);
         digests.push(sha);
@@ -348,6 +352,8 @@ fn start(
         run_started: None,
         run_base_bytes: 0,
         finished: None,
+        heartbeat: None,
+        recent_rate: None,
     };
     engine.db().start_replication(&row, &disks)?;
     Ok((row, disks))
@@ -378,6 +384,7 @@ fn replicate_disk(
     vm: &VmDef,
     repl: &ReplicationRow,
     d: &ReplicationDiskRow,
+    window: &mut RateWindow,
     observer: &(dyn Fn(ReplicateEvent) + Sync),
 ) -> Result<(BaseIndex, DiskReport, String)> {
     let db = engine.db();
@@ -482,6 +489,7 @@ fn replicate_disk(
         drop(hash_tx);
         let mut batch: Vec<(u64, Option<[u8; 32]>, u64, u64)> = Vec::new();
         let mut last_flush = Instant::now();
+        let mut last_beat = Instant::now();
         let flush = |batch: &mut Vec<_>, first_error: &mut Option<Error>| {
             if let Err(e) = db.record_chunks(&vm.id, &repl.point_id, d.disk, batch) {
                 abort.store(true, Ordering::Relaxed);
@@ -502,6 +510,7 @@ fn replicate_disk(
                     report.read_bytes += c.read;
                     batch.push((c.n as u64, c.address.map(|a| a.0), c.guest, c.uploaded));
                     observer(ReplicateEvent::Chunk { disk: d.disk, guest_bytes: c.guest });
+                    window.add(c.guest);
                 }
                 Ok(Err(e)) => {
                     abort.store(true, Ordering::Relaxed);
@@ -513,6 +522,11 @@ fn replicate_disk(
             if batch.len() >= 256 || (!batch.is_empty() && last_flush.elapsed() >= Duration::from_secs(1)) {
                 flush(&mut batch, &mut first_error);
                 last_flush = Instant::now();
+            }
+            if last_beat.elapsed() >= Duration::from_secs(1) {
+                last_beat = Instant::now();
+                // Advisory (for `tern status`): a failure here is not the run's failure.
+                let _ = db.heartbeat(&vm.id, &repl.point_id, window.rate(last_beat));
             }
         }
         flush(&mut batch, &mut first_error);
@@ -531,6 +545,36 @@ fn replicate_disk(
     report.sha256 = hex::encode(digest);
     let sha = report.sha256.clone();
     Ok((index, report, sha))
+}
+
+/// Guest bytes done over the last minute of a run, sampled about every second: the
+/// rate `tern status` shows (an average since the start would hide a limit changed an
+/// hour in, or a slow disk after a fast one).
+#[derive(Default)]
+struct RateWindow {
+    total: u64,
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl RateWindow {
+    const SPAN: Duration = Duration::from_secs(60);
+
+    fn add(&mut self, bytes: u64) {
+        self.total += bytes;
+    }
+
+    /// Record a sample at `now`; bytes per second over the window, once it spans a
+    /// second.
+    fn rate(&mut self, now: Instant) -> Option<u64> {
+        self.samples.push_back((now, self.total));
+        // Keep the newest sample at or before the window's start as its left edge.
+        while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= Self::SPAN {
+            self.samples.pop_front();
+        }
+        let &(t0, b0) = self.samples.front()?;
+        let span = now.duration_since(t0).as_secs_f64();
+        (span >= 1.0).then(|| ((self.total - b0) as f64 / span) as u64)
+    }
 }
 
 /// Chunk-sized buffers shared by a disk's workers and its hashing thread.
@@ -685,5 +729,32 @@ fn process_chunk(
             }
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_covers_the_last_minute_only() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut w = RateWindow::default();
+        assert_eq!(w.rate(at(0)), None);
+        // 10 MB/s for two minutes, then 1 MB/s.
+        for s in 1..=120 {
+            w.add(10_000_000);
+            w.rate(at(s));
+        }
+        assert_eq!(w.rate(at(120)), Some(10_000_000));
+        for s in 121..=180 {
+            w.add(1_000_000);
+            w.rate(at(s));
+        }
+        assert_eq!(w.rate(at(180)), Some(1_000_000));
+        // Nothing for 30 s: the window still holds 30 s of 1 MB/s.
+        assert_eq!(w.rate(at(210)), Some(500_000));
+        assert!(w.samples.len() <= 64, "{}", w.samples.len());
     }
 }

@@ -320,3 +320,23 @@ fn a_point_without_a_recorded_sha256_is_hashed_while_migrating() {
         qemu_compare_fmt(&src, &m.disks[0].path, fmt);
     }
 }
+
+#[test]
+fn one_replication_per_vm_at_a_time_and_a_stopped_one_is_not_running() {
+    let h = host();
+    let src = h.root.join("app.raw");
+    tern_engine::sample::write_sample_disk(&src, 8 << 20, 1).unwrap();
+    support::add_vm(&h.engine, "app", std::slice::from_ref(&src));
+    let vm = h.engine.vm("app").unwrap();
+    assert!(!tern_engine::replication_running(&h.engine, &vm.id).unwrap());
+    // What a running replication in another process holds.
+    let held = tern_engine::RunLock::acquire(&h.engine, &vm.id, "app").unwrap();
+    assert!(tern_engine::replication_running(&h.engine, &vm.id).unwrap());
+    let e = run_replicate(&h.engine, "app", &ReplicateOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    assert!(e.to_string().contains("being replicated by another tern process"), "{e}");
+    drop(held);
+    assert!(!tern_engine::replication_running(&h.engine, &vm.id).unwrap());
+    run_replicate(&h.engine, "app", &ReplicateOptions::default()).unwrap();
+    assert!(!tern_engine::replication_running(&h.engine, &vm.id).unwrap());
+}
