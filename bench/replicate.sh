@@ -26,7 +26,18 @@ fi
 cargo build --release --quiet -p tern-cli
 tern=$PWD/target/release/tern
 
-secs() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l; }
+# Seconds a command takes; a failing command stops the benchmark with its output.
+secs() {
+  local t0 t1 log
+  log=$(mktemp)
+  t0=$(date +%s.%N)
+  if ! "$@" >"$log" 2>&1; then
+    echo "bench: failed: $*" >&2; cat "$log" >&2; rm -f "$log"; return 1
+  fi
+  t1=$(date +%s.%N)
+  rm -f "$log"
+  echo "$t1 - $t0" | bc -l
+}
 ratio() { printf '%.2f' "$(echo "$1 / $2" | bc -l)"; }
 du_b() { du -sb "$1" | cut -f1; }
 
@@ -71,21 +82,23 @@ t_borg=$(secs borg create "$work/borg::a" "$work/disk.raw")
 borg init -e repokey "$work/borg-fixed" >/dev/null
 t_borg_fixed=$(secs borg create --chunker-params fixed,4194304 "$work/borg-fixed::a" "$work/disk.raw")
 t_borg_best=$(echo "if ($t_borg < $t_borg_fixed) $t_borg else $t_borg_fixed" | bc -l)
+rm -rf "$work/borg" "$work/borg-fixed"   # only their times are compared: free the space
 
 # Like is compared with like. Durable: tern migrate fsyncs its outputs (a cutover image
 # must survive a crash), restic restore is followed by a sync. Page cache: tern migrate
 # --no-sync, restic restore and qemu-img convert (which does not sync by default).
+# Each output is removed once measured, so that at most one exists at a time.
 t_migrate=$(secs "$tern" migrate bench --format raw --out "$work/out-tern")
-t_restore_sync=$(secs sh -c "restic restore -q -r '$work/restic' latest --target '$work/out-restic' && sync")
-sync
-rm -rf "$work/out-tern-ns" "$work/out-restic"; sync
-t_migrate_ns=$(secs "$tern" migrate bench --no-sync --format raw --out "$work/out-tern-ns")
-sync
-t_restore=$(secs restic restore -q -r "$work/restic" latest --target "$work/out-restic")
-sync
-t_qemu=$(secs qemu-img convert -O raw "$work/disk.raw" "$work/out-qemu.raw")
-sync
 cmp -s "$work/disk.raw" "$work/out-tern/"*.raw && same=yes || same=NO
+rm -rf "$work/out-tern"; sync
+t_restore_sync=$(secs sh -c "restic restore -q -r '$work/restic' latest --target '$work/out-restic' && sync")
+rm -rf "$work/out-restic"; sync
+t_migrate_ns=$(secs "$tern" migrate bench --no-sync --format raw --out "$work/out-tern-ns")
+sync; rm -rf "$work/out-tern-ns"; sync
+t_restore=$(secs restic restore -q -r "$work/restic" latest --target "$work/out-restic")
+sync; rm -rf "$work/out-restic"; sync
+t_qemu=$(secs qemu-img convert -O raw "$work/disk.raw" "$work/out-qemu.raw")
+sync; rm -f "$work/out-qemu.raw"; sync
 
 echo
 echo "input: ${SIZE_GIB} GiB raw, half random, a quarter text, a quarter zero; threads $THREADS"
@@ -110,7 +123,7 @@ ours=$(echo "$data_gib * 1024 / $t_tern" | bc -l)
 echo "single-core BLAKE3 + zstd -1 + AES-GCM: $speed MiB/s of data; machine limit with $cores cores: $(echo "$speed * $cores" | bc -l | xargs printf '%.0f') MiB/s"
 echo "tern replication: $(printf '%.0f' "$ours") MiB/s of non-zero data = $(printf '%.0f' "$(echo "100 * $ours / ($speed * $cores)" | bc -l)")% of the machine limit"
 
-rm -rf "$work/out-tern" "$work/out-tern-ns" "$work/out-restic" "$work/out-qemu.raw" "$work/restic" "$work/borg" "$work/borg-fixed"
+rm -rf "$work/restic" "$work/disk.raw" "$TERN_DATA_DIR"
 # Peak memory on a large sparse disk.
 echo "bench: ${BIG_GIB} GiB sparse image with ${BIG_DATA_GIB} GiB of data" >&2
 python3 - "$work/big.raw" "$BIG_GIB" "$BIG_DATA_GIB" <<'PY'
@@ -124,5 +137,6 @@ with open(path, "wb") as f:
         f.seek(e << 22); f.write(os.urandom(1 << 22))
 PY
 "$tern" vm add big --disk "$work/big.raw" >/dev/null
-rss=$( { /usr/bin/time -f %M "$tern" replicate big --threads "$THREADS" --force >/dev/null; } 2>&1 | tail -1)
+/usr/bin/time -f %M -o "$work/rss" "$tern" replicate big --threads "$THREADS" --force >/dev/null
+rss=$(tail -1 "$work/rss")
 echo "peak RSS replicating ${BIG_GIB} GiB sparse / ${BIG_DATA_GIB} GiB data: $((rss / 1024)) MiB (target < 256 MiB)"
