@@ -45,6 +45,7 @@
 mod backend;
 mod config;
 mod error;
+mod http;
 mod layout;
 mod paced;
 mod stats;
