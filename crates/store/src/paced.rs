@@ -41,7 +41,8 @@ pub(crate) mod body;
 pub trait Pacer: Sync {
     /// Wait until some of the `remaining` bytes (never 0) may be sent, and return how
     /// many: the size of the next part. Answers outside `1..=remaining` are clamped into
-    /// it. May block the calling thread.
+    /// it. May block the calling thread, which is the one polling
+    /// [`crate::Store::put_chunk_paced`].
     fn grant(&self, remaining: u64) -> u64;
 }
 
