@@ -10,20 +10,18 @@
 //! have landed. Every 10 s window, sliding in 0.25 s steps, is then compared with the
 //! limit. Run with `--no-capture` to see the worst window at each rate.
 
+mod windows;
+
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tern_chunk::{ChunkAddress, Key};
+use tern_chunk::ChunkAddress;
 use tern_engine::throttle::{Clock, Limit, Schedule, Throttle, VirtualClock};
 use tern_store::Store;
 use time::macros::datetime;
 use time::UtcOffset;
 
-const WINDOW: f64 = 10.0;
-const STEP: f64 = 0.25;
-
-/// (virtual seconds, bytes landed at the store by then), in order.
-type Samples = Vec<(f64, u64)>;
+use windows::{incompressible_envelope, landed, worst_window, Samples, WINDOW};
 
 struct Rig {
     _dir: tempfile::TempDir,
@@ -37,19 +35,7 @@ impl Rig {
         let dir = tempfile::tempdir().expect("temporary folder");
         let store = Store::open(&format!("file://{}", dir.path().display())).expect("local store");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        // A default chunk: 4 MiB that zstd cannot shrink (xorshift), sealed.
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let plain: Vec<u8> = (0..4 << 20)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
-        let (_, envelope) = tern_chunk::seal_chunk(&Key::from_bytes([3; 32]), &plain, 1).unwrap();
-        assert!(envelope.len() > 4 << 20);
-        Rig { _dir: dir, store, rt, envelope: Bytes::from(envelope) }
+        Rig { _dir: dir, store, rt, envelope: incompressible_envelope() }
     }
 
     /// Upload chunks from `workers` threads until the clock reads `until` seconds;
@@ -96,28 +82,6 @@ impl Rig {
             }
         });
     }
-}
-
-/// Bytes landed by time `t`: the last sample at or before it.
-fn landed(samples: &[(f64, u64)], t: f64) -> u64 {
-    samples.iter().take_while(|(x, _)| *x <= t).last().map_or(0, |s| s.1)
-}
-
-/// The worst relative deviation from `bps` of the 10 s windows starting in
-/// `from..=to` seconds, and the start of that window.
-fn worst_window(samples: &[(f64, u64)], bps: u64, from: f64, to: f64) -> (f64, f64) {
-    let want = bps as f64 / 8.0 * WINDOW;
-    let mut worst = (0.0f64, from);
-    let steps = ((to - from) / STEP).round() as u32;
-    for i in 0..=steps {
-        let start = from + f64::from(i) * STEP;
-        let got = (landed(samples, start + WINDOW) - landed(samples, start)) as f64;
-        let deviation = got / want - 1.0;
-        if deviation.abs() > worst.0.abs() {
-            worst = (deviation, start);
-        }
-    }
-    worst
 }
 
 fn fixed(limit: Limit) -> Box<dyn Fn() -> Option<Schedule> + Send + Sync> {

@@ -5,7 +5,8 @@
 //! - `az://container/prefix`: Azure Blob Storage, credentials and endpoint from `AZURE_*`.
 //! - `s3://bucket/prefix`: S3 or an S3-compatible store, from `AWS_*`.
 //!
-//! Remote backends get bounded retries and timeouts (see [`retry_config`]): a
+//! Remote backends send their requests through tern's HTTP client (`crate::http`), and
+//! get bounded retries and timeouts (see [`retry_config`]): a
 //! transient failure is retried a few times with a short backoff, and an unreachable
 //! endpoint fails within seconds instead of hanging. The URL's path becomes a prefix
 //! wrapped around the backend, so two stores can share a bucket without seeing each
@@ -25,6 +26,7 @@ use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, RetryConfig};
 use url::{Host, Url};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::http::Connector;
 
 /// The Azurite emulator's well-known account, published in Azurite's documentation.
 const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
@@ -155,35 +157,16 @@ impl Env {
     }
 }
 
-/// How a backend takes one object in several parts, for paced uploads
-/// ([`crate::Store::put_chunk_paced`]).
+/// How a backend takes a chunk in paced parts ([`crate::Store::put_chunk_paced`],
+/// `crate::paced`).
 #[derive(Debug, Clone)]
 pub(crate) enum Parts {
     /// A local folder: parts are appended to a hidden staging file next to the object,
-    /// which is then linked under its name create-only (`crate::paced`).
+    /// which is then linked under its name create-only.
     Staged(Arc<LocalFileSystem>),
-    /// Azure Blob: parts are blocks (Put Block) of any size, invisible until the block
-    /// list is committed (Put Block List).
-    Blocks,
-    /// S3: multipart parts must be at least 5 MiB except the last, larger than a
-    /// default chunk, so an object is always sent whole.
-    Whole,
-}
-
-/// The smallest block worth a request: a Put Block costs some 600 bytes of request
-/// headers, 3.7% on top of 16 KiB, and 16 KiB is 2.6% of a 10 s window at the lowest
-/// limit (512 Kbps).
-const MIN_BLOCK: usize = 16 << 10;
-
-impl Parts {
-    /// The smallest part worth sending (the last part of an object may be smaller).
-    pub(crate) fn min_part(&self) -> usize {
-        match self {
-            Parts::Staged(_) => 1,
-            Parts::Blocks => MIN_BLOCK,
-            Parts::Whole => usize::MAX,
-        }
-    }
+    /// Azure Blob, S3: one put, whose request body is sent in parts
+    /// (`crate::paced::body`).
+    Body,
 }
 
 /// Open the backend for `target`; `url` is only used in messages.
@@ -199,12 +182,12 @@ pub(crate) fn open(url: &str, target: &Target, env: &Env) -> Result<(Arc<dyn Obj
         Target::Azure { container, prefix } => {
             let builder = azure_builder(url, container, env)?;
             let azure = builder.build().map_err(failed)?;
-            Ok((with_prefix(azure, prefix), Parts::Blocks))
+            Ok((with_prefix(azure, prefix), Parts::Body))
         }
         Target::S3 { bucket, prefix } => {
             let builder = s3_builder(url, bucket, env)?;
             let s3 = builder.build().map_err(failed)?;
-            Ok((with_prefix(s3, prefix), Parts::Whole))
+            Ok((with_prefix(s3, prefix), Parts::Body))
         }
     }
 }
@@ -218,6 +201,7 @@ fn with_prefix<S: ObjectStore>(store: S, prefix: &Option<Path>) -> Arc<dyn Objec
 
 fn azure_builder(url: &str, container: &str, env: &Env) -> Result<MicrosoftAzureBuilder> {
     let mut builder = MicrosoftAzureBuilder::new()
+        .with_http_connector(Connector)
         .with_retry(retry_config())
         .with_config(AzureConfigKey::Client(ClientConfigKey::ConnectTimeout), CONNECT_TIMEOUT)
         .with_config(AzureConfigKey::Client(ClientConfigKey::Timeout), REQUEST_TIMEOUT);
@@ -261,6 +245,7 @@ fn azure_builder(url: &str, container: &str, env: &Env) -> Result<MicrosoftAzure
 
 fn s3_builder(url: &str, bucket: &str, env: &Env) -> Result<AmazonS3Builder> {
     let mut builder = AmazonS3Builder::new()
+        .with_http_connector(Connector)
         .with_retry(retry_config())
         .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout), CONNECT_TIMEOUT)
         .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), REQUEST_TIMEOUT);

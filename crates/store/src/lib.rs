@@ -35,7 +35,9 @@
 //! Plain `http://` endpoints are accepted on loopback (emulators); elsewhere they need
 //! `AWS_ALLOW_HTTP=true` / `AZURE_ALLOW_HTTP=true`. Every other `AWS_*` / `AZURE_*`
 //! variable object_store knows is honoured too, e.g. `AWS_TIMEOUT` / `AZURE_TIMEOUT`
-//! (whole request, default 120 s) and `AWS_CONNECT_TIMEOUT` (default 3 s).
+//! (whole request, default 120 s; a paced put's time waiting for its pacer is not
+//! counted) and `AWS_CONNECT_TIMEOUT` (default 3 s). Remote requests are sent by the
+//! crate's own HTTP client, built from those client settings (`http.rs` lists which).
 //! [`Store::open_with_env`] takes the variables from a list instead of the process.
 //!
 //! Remote requests are retried on transient failures (5xx, 429, connection errors,
@@ -45,6 +47,7 @@
 mod backend;
 mod config;
 mod error;
+mod http;
 mod layout;
 mod paced;
 mod stats;

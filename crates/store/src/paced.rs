@@ -11,19 +11,28 @@
 //!   the link fails if the chunk exists, so the write is create-only. The staging file
 //!   is removed afterwards, and on any error or cancellation. A crash leaves at most a
 //!   hidden staging file, never a partial chunk.
-//! - Azure Blob: parts are blocks (Put Block) of at least 16 KiB (smaller grants add
-//!   up; see `backend::Parts::min_part`), made visible at once by Put Block List;
-//!   uncommitted blocks are invisible and the service discards them after a week.
-//!   object_store cannot make the commit conditional, so the chunk's name is checked
-//!   just before committing; two uploads of one address that race through that window
-//!   both commit sealed envelopes of the same plaintext, the later replacing the earlier.
-//! - S3: multipart parts must be at least 5 MiB except the last, more than a default
-//!   chunk, so the pacer is asked for the whole envelope and then one put is sent: on
-//!   S3 the rate is quantised by the chunk size.
+//! - Azure Blob and S3: the chunk is ONE create-only put (Put Blob / PutObject with
+//!   `If-None-Match: *`; on an S3 without conditional puts, the check then put of
+//!   [`crate::Store::put_chunk`]) whose request *body* is paced ([`body`]): tern's own
+//!   HTTP client (`crate::http`) hands the body to the connection a part at a time, each
+//!   part admitted just before the connection takes it, with `Content-Length` as
+//!   object_store set it. The server makes the object visible only when the whole body
+//!   has arrived, so a cancelled or crashed upload leaves nothing; on Azure the commit
+//!   is conditional, so an upload never replaces a chunk that exists. A request that
+//!   object_store retries (a dropped connection, a 5xx) sends its body again through the
+//!   pacer and pays for it again, as bytes on the wire do.
+//!
+//! The pacer may block its thread. The local path calls it between file writes on the
+//! caller's thread. The remote path asks for grants from the body, which the connection
+//! polls on a runtime worker that must not block: [`body::paced`] answers those asks
+//! on the task that awaits the put (the caller's thread, driving the runtime with
+//! `block_on`), through a channel.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+
+pub(crate) mod body;
 
 /// Admits the parts of a paced upload ([`crate::Store::put_chunk_paced`]).
 ///
@@ -32,7 +41,8 @@ use std::path::{Path, PathBuf};
 pub trait Pacer: Sync {
     /// Wait until some of the `remaining` bytes (never 0) may be sent, and return how
     /// many: the size of the next part. Answers outside `1..=remaining` are clamped into
-    /// it. May block the calling thread.
+    /// it. May block the calling thread, which is the one polling
+    /// [`crate::Store::put_chunk_paced`].
     fn grant(&self, remaining: u64) -> u64;
 }
 
@@ -42,21 +52,22 @@ impl<F: Fn(u64) -> u64 + Sync> Pacer for F {
     }
 }
 
-/// The size of the next part of `remaining` bytes once `pacer` has admitted it: grants
-/// are added up until they reach `min_part` (or all that remains), so a backend that
-/// wants larger parts than the pacer hands out waits for several grants. 0 only when
-/// nothing remains; at least 1 otherwise, so that every loop over parts ends.
-pub(crate) fn next_part(pacer: &dyn Pacer, remaining: usize, min_part: usize) -> usize {
-    let want = min_part.clamp(1, remaining.max(1));
-    let mut part = 0;
-    // Bounded: every grant is at least one byte.
-    while part < want && part < remaining {
-        let left = remaining - part;
-        // usize is at most 64 bits on every target tern builds for.
-        let wide = u64::try_from(left).unwrap_or(u64::MAX);
-        part += usize::try_from(pacer.grant(wide).clamp(1, wide)).unwrap_or(left);
+/// The size of the next part of `remaining` bytes, once `pacer` has admitted it:
+/// clamped into `1..=remaining`, so that every loop over parts ends. 0 only when nothing
+/// remains (and then the pacer is not asked).
+pub(crate) fn grant(pacer: &dyn Pacer, remaining: u64) -> u64 {
+    if remaining == 0 {
+        return 0;
     }
-    part
+    pacer.grant(remaining).clamp(1, remaining)
+}
+
+/// [`grant`] in `usize`, for slicing a buffer.
+pub(crate) fn next_part(pacer: &dyn Pacer, remaining: usize) -> usize {
+    // usize is at most 64 bits on every target tern builds for, and a grant is at most
+    // `remaining`, so both conversions are exact.
+    let wide = u64::try_from(remaining).unwrap_or(u64::MAX);
+    usize::try_from(grant(pacer, wide)).unwrap_or(remaining)
 }
 
 /// Most staging names tried next to one chunk: each is taken by a concurrent upload of
@@ -144,24 +155,13 @@ mod tests {
 
     #[test]
     fn parts_are_clamped_to_what_remains() {
-        assert_eq!(next_part(&|_| 0, 10, 1), 1, "a pacer answering 0 still makes progress");
-        assert_eq!(next_part(&|_| 99, 10, 1), 10);
-        assert_eq!(next_part(&|r: u64| r / 2, 10, 1), 5);
+        assert_eq!(next_part(&|_| 0, 10), 1, "a pacer answering 0 still makes progress");
+        assert_eq!(next_part(&|_| 99, 10), 10);
+        assert_eq!(next_part(&|r: u64| r / 2, 10), 5);
         let never = |_: u64| -> u64 { panic!("not asked") };
-        assert_eq!(next_part(&never, 0, 1), 0);
-    }
-
-    #[test]
-    fn grants_add_up_to_the_backends_smallest_part() {
-        let asked = std::sync::Mutex::new(Vec::new());
-        let pacer = |r: u64| {
-            asked.lock().unwrap().push(r);
-            3
-        };
-        assert_eq!(next_part(&pacer, 10, 7), 9, "three grants of 3 reach 7");
-        assert_eq!(*asked.lock().unwrap(), [10, 7, 4]);
-        assert_eq!(next_part(&pacer, 2, 7), 2, "the last part may be smaller");
-        assert_eq!(next_part(&|_| 4, 10, usize::MAX), 10, "whole: every byte admitted");
+        assert_eq!(next_part(&never, 0), 0);
+        assert_eq!(grant(&never, 0), 0);
+        assert_eq!(grant(&|_| u64::MAX, 7), 7);
     }
 
     #[test]

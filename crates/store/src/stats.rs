@@ -11,8 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct StoreStats {
     /// Objects written.
     pub objects_put: u64,
-    /// Bytes written, counted as they land: a paced chunk
-    /// ([`crate::Store::put_chunk_paced`]) adds each part when the backend has taken it.
+    /// Bytes written, counted as they go: a paced chunk
+    /// ([`crate::Store::put_chunk_paced`]) adds each part when the backend has taken it
+    /// (a local file write, or the HTTP connection taking that part of the body; a
+    /// retried request counts its bytes again).
     pub bytes_put: u64,
     /// Objects read.
     pub objects_get: u64,

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{MultipartUpload, ObjectStore, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use tern_chunk::ChunkAddress;
 
 use crate::backend::{self, Env, Parts};
@@ -32,6 +32,14 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     parts: Parts,
     counters: Arc<Counters>,
+}
+
+/// How a put's bytes are counted: with the object when it is stored, or part by part
+/// as a paced body sends them (`paced::body`), only the object then.
+#[derive(Debug, Clone, Copy)]
+enum Count {
+    Whole,
+    Parts,
 }
 
 /// What an object is, for messages: `chunk <hex>`, `manifest vms/…/manifest`.
@@ -143,32 +151,39 @@ impl Store {
 
     /// Store a chunk envelope like [`Store::put_chunk`], with its bytes paced: `pacer`
     /// admits each part just before it is sent, and [`StoreStats::bytes_put`] grows by
-    /// each part as it lands. When the first grant covers the whole envelope (no limit,
-    /// or a limit so high that a chunk is a small part of a second) this is exactly
-    /// `put_chunk`: one request. How each backend takes parts, and why a partial chunk is
-    /// never visible: see [`Pacer`]'s module (`paced.rs`).
+    /// each part as it goes. On Azure and S3 this is one create-only put whose request
+    /// body goes out part by part; in a local folder, parts are written to a staging
+    /// file (and when the first grant covers the whole envelope, this is exactly
+    /// `put_chunk`). Why a partial chunk is never visible: see [`Pacer`]'s module
+    /// (`paced.rs`).
     ///
-    /// The pacer may block, so call this from a thread that may block (an upload thread
-    /// driving the runtime with `block_on`), not from a task on a runtime worker.
+    /// The pacer may block, and is called on the thread that polls this future, so call
+    /// this from a thread that may block (an upload thread driving the runtime with
+    /// `block_on`), not from a task on a runtime worker.
     pub async fn put_chunk_paced(
         &self,
         address: &ChunkAddress,
         envelope: Bytes,
         pacer: &dyn Pacer,
     ) -> Result<()> {
-        let len = envelope.len();
-        // On S3 (`Parts::Whole`) the first part is the whole envelope, admitted in as
-        // many grants as the pacer takes.
-        let first = paced::next_part(pacer, len, self.parts.min_part());
-        if first >= len {
-            return self.put_chunk(address, envelope).await;
-        }
         let path = layout::chunk_path(address);
         let object = Object::Chunk(address);
         match &self.parts {
-            Parts::Staged(local) => self.put_staged(local, &path, envelope, first, pacer, &object).await,
-            Parts::Blocks => self.put_blocks(&path, envelope, first, pacer, &object).await,
-            Parts::Whole => self.put_chunk(address, envelope).await,
+            Parts::Staged(local) => {
+                let first = paced::next_part(pacer, envelope.len());
+                if first >= envelope.len() {
+                    return self.put_chunk(address, envelope).await;
+                }
+                self.put_staged(local, &path, envelope, first, pacer, &object).await
+            }
+            Parts::Body => {
+                let put = self.put_counted(&path, envelope, PutMode::Create, &object, Count::Parts);
+                match paced::body::paced(pacer, self.counters.clone(), put).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
         }
     }
 
@@ -311,11 +326,22 @@ impl Store {
     // ---- primitives: one backend call each, counted and with errors translated ----
 
     async fn put(&self, path: &Path, bytes: Bytes, mode: PutMode, object: &Object<'_>) -> Result<()> {
+        self.put_counted(path, bytes, mode, object, Count::Whole).await
+    }
+
+    async fn put_counted(
+        &self,
+        path: &Path,
+        bytes: Bytes,
+        mode: PutMode,
+        object: &Object<'_>,
+        count: Count,
+    ) -> Result<()> {
         let len = bytes.len();
         let opts = PutOptions::from(mode);
         match self.inner.put_opts(path, PutPayload::from(bytes.clone()), opts).await {
             Ok(_) => {
-                self.counters.record_put(len);
+                self.count_put(len, count);
                 Ok(())
             }
             Err(object_store::Error::NotImplemented) | Err(object_store::Error::NotSupported { .. }) => {
@@ -333,17 +359,24 @@ impl Store {
                     .put(path, PutPayload::from(bytes))
                     .await
                     .map_err(|e| self.backend_error(e, object, "put"))?;
-                self.counters.record_put(len);
+                self.count_put(len, count);
                 Ok(())
             }
             Err(e) => {
                 let error = self.backend_error(e, object, "put");
                 if error.kind() == ErrorKind::AlreadyExists {
                     // The bytes travelled even though the store kept the older copy.
-                    self.counters.record_put(len);
+                    self.count_put(len, count);
                 }
                 Err(error)
             }
+        }
+    }
+
+    fn count_put(&self, len: usize, count: Count) {
+        match count {
+            Count::Whole => self.counters.record_put(len),
+            Count::Parts => self.counters.record_put_object(),
         }
     }
 
@@ -382,7 +415,7 @@ impl Store {
             written.map_err(|e| io_error(e, &format!("writing {}", staged.path().display())))?;
             self.counters.record_put_bytes(part);
             offset += part;
-            part = paced::next_part(pacer, len - offset, self.parts.min_part());
+            part = paced::next_part(pacer, len - offset);
         }
         // Created, or the chunk existed already: both are success for a chunk.
         blocking(move || staged.commit())
@@ -391,64 +424,6 @@ impl Store {
             .map_err(|e| io_error(e, &format!("linking the staged chunk as {shown}")))?;
         self.counters.record_put_object();
         Ok(())
-    }
-
-    /// A paced chunk as a multipart upload whose parts are small (Azure blocks),
-    /// aborted on error. Checked for just before committing (see `paced.rs`).
-    async fn put_blocks(
-        &self,
-        path: &Path,
-        envelope: Bytes,
-        first: usize,
-        pacer: &dyn Pacer,
-        object: &Object<'_>,
-    ) -> Result<()> {
-        let mut upload =
-            self.inner.put_multipart(path).await.map_err(|e| self.backend_error(e, object, "put"))?;
-        match self.send_blocks(upload.as_mut(), path, envelope, first, pacer, object).await {
-            Ok(committed) => {
-                if !committed {
-                    // Uploaded by someone else meanwhile: theirs stays (create-only).
-                    let _ = upload.abort().await;
-                }
-                self.counters.record_put_object();
-                Ok(())
-            }
-            Err(e) => {
-                // Azure has nothing to abort (uncommitted blocks expire); other backends may.
-                let _ = upload.abort().await;
-                Err(e)
-            }
-        }
-    }
-
-    /// Send the parts, then commit unless the chunk exists by now; whether it committed.
-    async fn send_blocks(
-        &self,
-        upload: &mut dyn MultipartUpload,
-        path: &Path,
-        envelope: Bytes,
-        first: usize,
-        pacer: &dyn Pacer,
-        object: &Object<'_>,
-    ) -> Result<bool> {
-        let (len, mut offset, mut part) = (envelope.len(), 0, first);
-        // Bounded: every part is at least one byte.
-        while part > 0 {
-            let bytes = envelope.slice(offset..offset + part);
-            upload
-                .put_part(PutPayload::from(bytes))
-                .await
-                .map_err(|e| self.backend_error(e, object, "put"))?;
-            self.counters.record_put_bytes(part);
-            offset += part;
-            part = paced::next_part(pacer, len - offset, self.parts.min_part());
-        }
-        if self.exists(path, object).await? {
-            return Ok(false);
-        }
-        upload.complete().await.map_err(|e| self.backend_error(e, object, "put"))?;
-        Ok(true)
     }
 
     /// Write an object that must never be replaced: a check first (some S3-compatible

@@ -143,6 +143,25 @@ fn stalled_server_times_out_as_transient() {
     assert_eq!(server.requests.load(Ordering::SeqCst), 4);
 }
 
+/// A paced put to a server that takes the request and never answers still times out:
+/// only the time spent waiting for the pacer is left out of the timeout. Not retried:
+/// a create-only put is not idempotent.
+#[test]
+fn stalled_server_times_out_a_paced_put() {
+    let server = fake_server(None);
+    let mut env = s3_env(server.port);
+    env.push(("AWS_TIMEOUT".into(), "300ms".into()));
+    let store = Store::open_with_env("s3://tern/x", env).unwrap();
+    let start = Instant::now();
+    let e = runtime()
+        .block_on(store.put_chunk_paced(&address(1), payload(1, 64 << 10), &|_| 16 << 10))
+        .unwrap_err();
+    println!("failed after {:?}: {e}", start.elapsed());
+    assert_eq!(e.kind(), ErrorKind::Transient, "{e}");
+    assert!(e.to_string().contains("timed out"), "{e}");
+    assert_eq!(server.requests.load(Ordering::SeqCst), 1);
+}
+
 #[test]
 fn wrong_credentials_are_auth() {
     let azurite = match emulator::azurite() {
