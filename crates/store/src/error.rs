@@ -79,10 +79,13 @@ impl Error {
         Error::at(kind, url, object, problem)
     }
 
-    /// Translate a local I/O error (creating the store directory).
+    /// Translate a local I/O error (a local folder store's own file work).
     pub(crate) fn from_io(err: &std::io::Error, url: &str, what: &dyn fmt::Display) -> Error {
         let kind = io_kind(err).unwrap_or(ErrorKind::Other);
-        Error::at(kind, url, what, err)
+        match kind {
+            ErrorKind::Full => Error::at(kind, url, what, format_args!("no space left in the store: {err}")),
+            _ => Error::at(kind, url, what, err),
+        }
     }
 }
 

@@ -7,10 +7,12 @@
 //! How each backend takes parts ([`crate::backend::Parts`]):
 //! - local folder: parts are appended to a staging file `<chunk>#<n>` next to the chunk
 //!   (the name object_store uses for its own staged writes, which its listings skip and
-//!   which is no valid object name), synced, then hard-linked under the chunk's name:
-//!   the link fails if the chunk exists, so the write is create-only. The staging file
-//!   is removed afterwards, and on any error or cancellation. A crash leaves at most a
-//!   hidden staging file, never a partial chunk.
+//!   which is no valid object name), synced, then hard-linked under the chunk's name
+//!   and the folder synced: the link fails if the chunk exists, so the write is
+//!   create-only. The staging file is removed afterwards, and on any error or
+//!   cancellation. A crash leaves at most a hidden staging file, never a partial chunk.
+//!   Unpaced writes of every object to a local folder take the same path in one part
+//!   (`Store::put_local`), so an object the store reports written survives a power loss.
 //! - Azure Blob and S3: the chunk is ONE create-only put (Put Blob / PutObject with
 //!   `If-None-Match: *`; on an S3 without conditional puts, the check then put of
 //!   [`crate::Store::put_chunk`]) whose request *body* is paced ([`body`]): tern's own
@@ -114,9 +116,10 @@ impl Staged {
         self.file.write_all(part)
     }
 
-    /// Make the staged bytes the chunk: synced first, so that a crash after the link
-    /// cannot leave a chunk whose bytes never reached the disk. `Ok(false)` when the
-    /// chunk existed already (and was kept).
+    /// Make the staged bytes the object, create-only: synced first, so that a crash
+    /// after the link cannot leave an object whose bytes never reached the disk, and the
+    /// folder synced after, so that the new name survives a power loss too. `Ok(false)`
+    /// when the object existed already (and was kept).
     pub(crate) fn commit(mut self) -> io::Result<bool> {
         self.file.sync_data()?;
         let created = match std::fs::hard_link(&self.path, &self.dest) {
@@ -125,10 +128,31 @@ impl Staged {
             Err(e) => return Err(e),
         };
         self.done = true;
-        // The chunk is in place; a staging file left by a failed removal is hidden and
+        // The object is in place; a staging file left by a failed removal is hidden and
         // holds the same bytes.
         let _ = std::fs::remove_file(&self.path);
+        if created {
+            sync_parent(&self.dest)?;
+        }
         Ok(created)
+    }
+
+    /// Make the staged bytes the object, replacing any (rename), durably like
+    /// [`Staged::commit`]. Only for objects that may be rewritten (indexes of a point
+    /// not yet committed).
+    pub(crate) fn replace(mut self) -> io::Result<()> {
+        self.file.sync_data()?;
+        std::fs::rename(&self.path, &self.dest)?;
+        self.done = true;
+        sync_parent(&self.dest)
+    }
+}
+
+/// fsync the folder holding `path`, which makes a name created or renamed in it durable.
+fn sync_parent(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
     }
 }
 
@@ -185,5 +209,19 @@ mod tests {
         assert_eq!(std::fs::read(&dest).unwrap(), b"whole");
         let left: Vec<_> = std::fs::read_dir(dest.parent().unwrap()).unwrap().collect();
         assert_eq!(left.len(), 1, "only the chunk remains: {left:?}");
+    }
+
+    #[test]
+    fn replace_overwrites_and_leaves_no_staging_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("idx");
+        for content in [&b"first"[..], b"second, longer"] {
+            let mut s = Staged::create(dest.clone()).unwrap();
+            s.append(content).unwrap();
+            s.replace().unwrap();
+            assert_eq!(std::fs::read(&dest).unwrap(), content);
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
     }
 }
