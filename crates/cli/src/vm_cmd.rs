@@ -37,8 +37,10 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Forget a VM and its local replication progress. Recovery points already in the
-    /// store stay there and can still be migrated.
+    /// Forget a VM and its local replication progress, and delete the snapshots (reflink
+    /// copies) an unfinished replication of it holds; its images are never touched.
+    /// Refused while a replication of it runs. Recovery points already in the store stay
+    /// there and can still be migrated.
     Remove {
         /// The VM's name.
         name: String,
@@ -109,7 +111,7 @@ pub fn run(g: &GlobalArgs, cmd: VmCommand) -> Result<ExitCode> {
             }
         }
         VmCommand::Remove { name } => {
-            let vm = engine.db().vm_remove(&name)?;
+            let vm = tern_engine::remove_vm(&engine, &name)?;
             println!("removed VM {} (its points in the store are kept)", vm.name);
         }
     }

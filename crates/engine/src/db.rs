@@ -332,6 +332,16 @@ impl StateDb {
         Ok(c.query_row(&sql, [vm_id, store_url], Self::replication_from).optional()?)
     }
 
+    /// Every unfinished replication of `vm_id`, to any store.
+    pub fn running_replications(&self, vm_id: &str) -> Result<Vec<ReplicationRow>> {
+        let c = self.conn();
+        let sql =
+            format!("SELECT {} FROM replications WHERE vm_id = ?1 AND state = 'running'", Self::REPL_COLS);
+        let mut st = c.prepare(&sql)?;
+        let rows = st.query_map([vm_id], Self::replication_from)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
     /// The most recent replication of `vm_id` (running or done), for `tern status`.
     pub fn last_replication(&self, vm_id: &str) -> Result<Option<ReplicationRow>> {
         let c = self.conn();

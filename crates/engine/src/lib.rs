@@ -48,7 +48,7 @@ pub use migrate::{
 };
 pub use paths::DataDir;
 pub use replicate::{
-    check_threads, replicate, DiskReport, ReplicateEvent, ReplicateOptions, ReplicateReport,
+    check_threads, remove_vm, replicate, DiskReport, ReplicateEvent, ReplicateOptions, ReplicateReport,
 };
 pub use verify::{verify, Problem, VerifyOptions, VerifyReport};
 pub use vm::{check_name, new_vm_id, Firmware, VmDef};

@@ -278,6 +278,19 @@ pub fn replicate(
     })
 }
 
+/// Unregister VM `name`: refused while a replication of it runs; the snapshots of its
+/// unfinished replications are released (reflink copies are deleted; images read in
+/// place are never touched). Its points in the store are kept.
+pub fn remove_vm(engine: &Engine, name: &str) -> Result<VmDef> {
+    let vm = engine.vm(name)?;
+    let _running = RunLock::acquire(engine, &vm.id, &vm.name)?;
+    for r in engine.db().running_replications(&vm.id)? {
+        let disks = engine.db().replication_disks(&vm.id, &r.point_id)?;
+        release_snapshots(engine, &vm, &r.point_id, &disks);
+    }
+    engine.db().vm_remove(&vm.name)
+}
+
 fn snapshot_dir(engine: &Engine, vm: &VmDef, point: &str) -> std::path::PathBuf {
     engine.data_dir().snapshots_dir().join(&vm.id).join(point)
 }

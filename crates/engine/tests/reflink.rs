@@ -367,3 +367,36 @@ fn an_abandoned_replication_leaves_no_snapshot_behind() {
     let left = if snapshots.exists() { walk(&snapshots) } else { Vec::new() };
     assert!(left.is_empty(), "left under the snapshots folder: {left:?}");
 }
+
+#[test]
+fn removing_a_vm_releases_the_snapshots_of_its_unfinished_replication() {
+    let Some(fs) = ReflinkFs::new("removing_a_vm_releases_the_snapshots_of_its_unfinished_replication")
+    else {
+        return;
+    };
+    let mnt = fs.mount_point();
+    let raw = mnt.join("disk.raw");
+    tern_engine::sample::write_sample_disk(&raw, 32 * MIB, 8).unwrap();
+    let before = std::fs::read(&raw).unwrap();
+    let engine =
+        Engine::open(&EngineOptions { data_dir: Some(mnt.join("data")), ..Default::default() }).unwrap();
+    add_vm(&engine, "vm", std::slice::from_ref(&raw));
+    let vm_id = engine.vm("vm").unwrap().id;
+    let opts = ReplicateOptions { threads: 2, fail_after_uploads: Some(2), ..Default::default() };
+    replicate(&engine, "vm", &opts, &Throttle::unlimited(), &|_| {}).unwrap_err();
+    let snaps = walk(&engine.data_dir().snapshots_dir());
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+
+    // Not while a replication of it runs (its lock is held).
+    let held = tern_engine::RunLock::acquire(&engine, &vm_id, "vm").unwrap();
+    let e = tern_engine::remove_vm(&engine, "vm").unwrap_err();
+    assert!(e.to_string().contains("being replicated"), "{e}");
+    assert!(snaps[0].exists());
+    drop(held);
+
+    tern_engine::remove_vm(&engine, "vm").unwrap();
+    assert!(!snaps[0].exists(), "the reflink copy outlived its VM");
+    assert!(!engine.data_dir().snapshots_dir().join(&vm_id).exists());
+    assert_eq!(std::fs::read(&raw).unwrap(), before, "the image itself is untouched");
+    assert!(engine.vm("vm").is_err());
+}
