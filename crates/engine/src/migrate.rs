@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Condvar, Mutex};
 
 use sha2::{Digest, Sha256};
-use tern_chunk::{open_chunk, open_chunk_into, open_envelope, BaseIndex, IndexEntry, Key, ObjectKind};
+use tern_chunk::{open_chunk_into, open_envelope, BaseIndex, IndexEntry, Key, ObjectKind};
 use tern_disk::{CreateFormat, CreateOptions};
 use tern_store::Store;
 use tern_types::MIB;
@@ -353,24 +353,15 @@ pub(crate) async fn fetch_chunk(
     address: &tern_chunk::ChunkAddress,
     range_len: u64,
 ) -> Result<Vec<u8>> {
-    let env = store.get_chunk(address).await.map_err(|e| {
-        if e.kind() == tern_store::ErrorKind::NotFound {
-            Error::corrupt(format!("chunk object {address} is missing from the store"))
-        } else {
-            Error::from(e)
-        }
-    })?;
-    let plain = open_chunk(key, address, &env)?;
-    if plain.len() as u64 != range_len {
-        return Err(Error::corrupt(format!(
-            "chunk object {address} holds {} bytes, the index expects {range_len}",
-            plain.len()
-        )));
-    }
+    let len = usize::try_from(range_len)
+        .map_err(|_| Error::corrupt(format!("chunk {address}: length {range_len} is out of range")))?;
+    let mut plain = vec![0u8; len];
+    fetch_chunk_into(key, store, address, &mut plain).await?;
     Ok(plain)
 }
 
-/// Fetch and verify one chunk into `out`, which is exactly the chunk's guest length.
+/// Fetch and verify one chunk into `out`, which is exactly the chunk's guest length:
+/// authenticated, decompressed and hashed back to `address`, or an error naming it.
 pub(crate) async fn fetch_chunk_into(
     key: &Key,
     store: &Store,
