@@ -81,6 +81,12 @@ enum Command {
     /// Replicate a VM to the store and commit a recovery point.
     Replicate(replicate_cmd::ReplicateArgs),
     /// Replication state per VM and disk: bytes done / total, rate, ETA.
+    ///
+    /// States: `replicating` (a `tern replicate` of the VM is running now), `interrupted`
+    /// (a replication was stopped before its point was committed: run `tern replicate
+    /// NAME` to resume it), `protected` (the last point is committed), `not replicated`.
+    /// The rate is guest bytes per second over the last minute of the running
+    /// replication; the ETA assumes it holds.
     Status(replicate_cmd::StatusArgs),
     /// List a VM's recovery points (read from the store).
     Points(replicate_cmd::PointsArgs),

@@ -501,7 +501,9 @@ fn replicate_disk(
         drop(tx);
         drop(hash_tx);
         let mut batch: Vec<(u64, Option<[u8; 32]>, u64, u64)> = Vec::new();
-        let mut last_flush = Instant::now();
+        // The first finished chunks are recorded at once (a run killed early then has
+        // progress to resume from); later ones in batches of up to a second.
+        let mut last_flush = Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now);
         let mut last_beat = Instant::now();
         let flush = |batch: &mut Vec<_>, first_error: &mut Option<Error>| {
             if let Err(e) = db.record_chunks(&vm.id, &repl.point_id, d.disk, batch) {
