@@ -64,10 +64,14 @@ impl RunLock {
 /// Whether a replication of VM `vm_id` is running now (in any process on this host
 /// using this data directory).
 pub fn replication_running(engine: &Engine, vm_id: &str) -> Result<bool> {
-    if !lock_path(engine, vm_id).exists() {
-        return Ok(false);
-    }
-    let file = open(engine, vm_id)?;
+    let path = lock_path(engine, vm_id);
+    // Read-only is enough for flock, and works on a data directory this user cannot
+    // write (status needs no more).
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
+    };
     // A shared lock is refused only while a replication holds the exclusive one.
     match file.try_lock_shared() {
         Ok(()) => Ok(false),
