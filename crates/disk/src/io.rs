@@ -137,7 +137,8 @@ impl ImageFile {
                 match direct.write_all_at(buf, offset) {
                     Ok(()) => return Ok(()),
                     // A filesystem that opened with O_DIRECT but refuses this write:
-                    // the buffered descriptor takes it; nothing was written.
+                    // the buffered descriptor writes the whole buffer (again, should a
+                    // first direct part have gone through).
                     Err(e) if e.raw_os_error() == Some(direct_io::EINVAL) => {}
                     Err(e) => {
                         return Err(Error::io(

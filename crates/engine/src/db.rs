@@ -82,9 +82,8 @@ const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     );
     "#,
-    // Version 2: a running replication's heartbeat and recent rate, for `tern status`.
+    // Version 2: a running replication's recent rate, for `tern status`.
     r#"
-    ALTER TABLE replications ADD COLUMN heartbeat TEXT;
     ALTER TABLE replications ADD COLUMN recent_rate INTEGER;
     "#,
 ];
@@ -118,10 +117,8 @@ pub struct ReplicationRow {
     pub run_base_bytes: u64,
     /// When the point was committed.
     pub finished: Option<String>,
-    /// When the replicating process last said it is alive (RFC 3339; about every
-    /// second while it runs).
-    pub heartbeat: Option<String>,
-    /// Guest bytes per second over the last minute of the run, as of the heartbeat.
+    /// Guest bytes per second over the last minute of the run, updated about every
+    /// second while it runs.
     pub recent_rate: Option<u64>,
 }
 
@@ -314,13 +311,12 @@ impl StateDb {
             run_started: r.get(6)?,
             run_base_bytes: to_u64(r.get(7)?),
             finished: r.get(8)?,
-            heartbeat: r.get(9)?,
-            recent_rate: r.get::<_, Option<i64>>(10)?.map(to_u64),
+            recent_rate: r.get::<_, Option<i64>>(9)?.map(to_u64),
         })
     }
 
     const REPL_COLS: &'static str =
-        "vm_id, point_id, store_url, state, instant, chunk_size, run_started, run_base_bytes, finished, heartbeat, recent_rate";
+        "vm_id, point_id, store_url, state, instant, chunk_size, run_started, run_base_bytes, finished, recent_rate";
 
     /// The unfinished replication of `vm_id` to `store_url`, if any.
     pub fn running_replication(&self, vm_id: &str, store_url: &str) -> Result<Option<ReplicationRow>> {
@@ -405,12 +401,12 @@ impl StateDb {
         Ok(())
     }
 
-    /// Record that the replication is alive now, and its recent rate.
-    pub fn heartbeat(&self, vm_id: &str, point_id: &str, recent_rate: Option<u64>) -> Result<()> {
+    /// Record a running replication's recent rate (`None`: not known yet).
+    pub fn record_rate(&self, vm_id: &str, point_id: &str, recent_rate: Option<u64>) -> Result<()> {
         let rate = recent_rate.map(|r| to_i64(r, "rate")).transpose()?;
         self.conn().execute(
-            "UPDATE replications SET heartbeat = ?3, recent_rate = ?4 WHERE vm_id = ?1 AND point_id = ?2",
-            params![vm_id, point_id, crate::now_rfc3339(), rate],
+            "UPDATE replications SET recent_rate = ?3 WHERE vm_id = ?1 AND point_id = ?2",
+            params![vm_id, point_id, rate],
         )?;
         Ok(())
     }
@@ -626,7 +622,7 @@ mod tests {
         let v: i64 = db.conn().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
         assert_eq!(v, 2);
         let r = db.running_replication("v", "file:///s").unwrap().unwrap();
-        assert_eq!((r.heartbeat, r.recent_rate), (None, None));
+        assert_eq!(r.recent_rate, None);
     }
 
     #[test]
@@ -658,7 +654,6 @@ mod tests {
             run_started: None,
             run_base_bytes: 0,
             finished: None,
-            heartbeat: None,
             recent_rate: None,
         };
         let disk = ReplicationDiskRow {
@@ -680,9 +675,7 @@ mod tests {
         assert_eq!(disks[0].bytes_uploaded, 100);
         assert_eq!(db.recorded_chunks(&a.id, "p1", 0).unwrap(), vec![(0, None), (1, Some([7; 32]))]);
         assert_eq!(db.running_replication(&a.id, "file:///s").unwrap().unwrap().point_id, "p1");
-        db.heartbeat(&a.id, "p1", Some(12345)).unwrap();
-        let r = db.last_replication(&a.id).unwrap().unwrap();
-        assert_eq!(r.recent_rate, Some(12345));
-        assert!(r.heartbeat.is_some());
+        db.record_rate(&a.id, "p1", Some(12345)).unwrap();
+        assert_eq!(db.last_replication(&a.id).unwrap().unwrap().recent_rate, Some(12345));
     }
 }

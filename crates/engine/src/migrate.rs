@@ -44,21 +44,14 @@ pub enum MigrateFormat {
 }
 
 impl MigrateFormat {
-    /// Parse a `--format` value.
-    pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "raw" => MigrateFormat::Raw,
-            "qcow2" => MigrateFormat::Qcow2,
-            "vhd" => MigrateFormat::Vhd,
-            "vhdx" => MigrateFormat::Vhdx,
-            "azure" => MigrateFormat::Azure,
-            _ => {
-                return Err(Error::invalid(format!(
-                    "--format {s:?} is not one of raw, qcow2, vhd, vhdx, azure"
-                )))
-            }
-        })
-    }
+    /// Every output format.
+    pub const ALL: [MigrateFormat; 5] = [
+        MigrateFormat::Raw,
+        MigrateFormat::Qcow2,
+        MigrateFormat::Vhd,
+        MigrateFormat::Vhdx,
+        MigrateFormat::Azure,
+    ];
 
     /// The `--format` value naming it.
     pub fn name(self) -> &'static str {
@@ -275,9 +268,8 @@ pub fn migrate(
         cleanup.0.push(tmp.clone());
         cleanup.0.push(path.clone());
         let label = format!("disk {} of VM {vm_name} at point {point_id}", d.index);
-        let (sha, verified) =
-            restore_disk(&key, &store, rt.handle(), &vm_id, &point_id, d, &tmp, opts, observer)
-                .map_err(|e| e.context(&label))?;
+        let sha = restore_disk(&key, &store, rt.handle(), &vm_id, &point_id, d, &tmp, opts, observer)
+            .map_err(|e| e.context(&label))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("renaming {}", tmp.display()), e))?;
         disks.push(MigratedDisk {
             disk: d.index,
@@ -285,7 +277,7 @@ pub fn migrate(
             virtual_size: d.virtual_size,
             output_size: opts.format.output_size(d.virtual_size),
             sha256: sha,
-            verified,
+            verified: opts.verify,
         });
     }
     let files: Vec<(PathBuf, u64)> = disks
@@ -392,7 +384,7 @@ fn restore_disk(
     out: &Path,
     opts: &MigrateOptions,
     observer: &(dyn Fn(MigrateEvent) + Sync),
-) -> Result<(String, bool)> {
+) -> Result<String> {
     let index = rt.block_on(fetch_index(key, store, vm_id, point_id, d))?;
     let mut writer = tern_disk::create_disk(
         out,
@@ -415,13 +407,14 @@ fn restore_disk(
             src.restore_parallel(parallel.as_ref())?;
             sha.clone()
         }
-        (known, _) => {
-            let digest = src.restore_ordered(writer.as_mut(), known.is_none())?;
-            match (known, digest) {
-                (Some(sha), _) => sha.clone(),
-                (None, Some(digest)) => hex::encode(digest),
-                (None, None) => unreachable!("restore_ordered hashes when asked"),
-            }
+        (Some(sha), None) => {
+            src.restore_ordered(writer.as_mut(), None)?;
+            sha.clone()
+        }
+        (None, _) => {
+            let mut hasher = Sha256::new();
+            src.restore_ordered(writer.as_mut(), Some(&mut hasher))?;
+            hex::encode(hasher.finalize())
         }
     };
     writer.finish()?;
@@ -433,7 +426,7 @@ fn restore_disk(
             )));
         }
     }
-    Ok((sha, opts.verify))
+    Ok(sha)
 }
 
 /// SHA-256 of the first `size` guest bytes of the image at `path`, read back through
@@ -443,14 +436,8 @@ fn hash_image(path: &Path, size: u64) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 4 << 20];
     let zeros = vec![0u8; 4 << 20];
-    let mut off = 0;
-    // Bounded: every pass advances by at least one byte or fails.
-    while off < size {
-        let m = disk.mapping(off, size - off)?;
-        if m.length == 0 || m.start != off {
-            return Err(Error::corrupt(format!("{}: malformed mapping at offset {off}", path.display())));
-        }
-        let end = m.end().min(size);
+    for m in tern_disk::collect_map(disk.as_ref())?.into_iter().filter(|m| m.start < size) {
+        let (mut off, end) = (m.start, m.end().min(size));
         while off < end {
             let n = (end - off).min(buf.len() as u64) as usize;
             if m.kind == tern_disk::MapKind::Data {
@@ -535,15 +522,15 @@ impl Source<'_> {
     }
 
     /// Workers fetch and verify; this thread writes chunks in order (writers that
-    /// allocate as they go need one caller) and, when `hash`, a thread hashes the guest
-    /// content in order (SHA-256, zero chunks hashed as zeros). Workers may run at most
+    /// allocate as they go need one caller) and, given a `hasher`, a thread feeds it the
+    /// guest content in order (zero chunks as zeros). Workers may run at most
     /// a window of chunks ahead of the writer, which bounds memory to about 2 x threads
     /// chunks.
     fn restore_ordered(
         &self,
         writer: &mut dyn tern_disk::DiskWriter,
-        hash: bool,
-    ) -> Result<Option<[u8; 32]>> {
+        hasher: Option<&mut Sha256>,
+    ) -> Result<()> {
         let (index, count) = (self.index, self.index.len());
         let window = self.threads * 2;
         let next = AtomicUsize::new(0);
@@ -555,15 +542,15 @@ impl Source<'_> {
         // The hash runs on its own thread so that hashing overlaps writing: it gets each
         // chunk after it is written (None = a zero chunk).
         let (hash_tx, hash_rx) = mpsc::sync_channel::<(Option<Vec<u8>>, usize)>(window);
-        let hash_tx = hash.then_some(hash_tx);
-        let digest = std::thread::scope(|s| {
-            let hashing = s.spawn(move || {
-                let zeros = vec![0u8; index.chunk_size() as usize];
-                let mut hasher = Sha256::new();
-                for (data, len) in hash_rx {
-                    hasher.update(data.as_deref().unwrap_or(&zeros[..len]));
-                }
-                <[u8; 32]>::from(hasher.finalize())
+        let hash_tx = hasher.is_some().then_some(hash_tx);
+        std::thread::scope(|s| {
+            let hashing = hasher.map(|hasher| {
+                s.spawn(move || {
+                    let zeros = vec![0u8; index.chunk_size() as usize];
+                    for (data, len) in hash_rx {
+                        hasher.update(data.as_deref().unwrap_or(&zeros[..len]));
+                    }
+                })
             });
             for _ in 0..self.threads {
                 let tx = tx.clone();
@@ -640,11 +627,13 @@ impl Source<'_> {
                 error = Some(Error::corrupt(format!("only {expected} of {count} chunks arrived")));
             }
             drop(hash_tx);
-            hashing.join().expect("hashing thread")
+            if let Some(hashing) = hashing {
+                hashing.join().expect("hashing thread");
+            }
         });
         match error {
             Some(e) => Err(e),
-            None => Ok(hash.then_some(digest)),
+            None => Ok(()),
         }
     }
 }

@@ -193,19 +193,17 @@ pub fn replicate(
     };
     observer(ReplicateEvent::Point { point_id: repl.point_id.clone(), resumed });
     db.mark_run_started(&vm.id, &repl.point_id)?;
-    db.heartbeat(&vm.id, &repl.point_id, None)?;
+    db.record_rate(&vm.id, &repl.point_id, None)?;
     let mut window = RateWindow::default();
 
     let uploads = AtomicU64::new(0);
     let ctx = Ctx { key: &key, store: &store, rt: rt.handle(), throttle, opts, uploads: &uploads };
     let mut indexes = Vec::new();
     let mut reports = Vec::new();
-    let mut digests = Vec::new();
     for d in &disks {
-        let (index, report, sha) = replicate_disk(&ctx, engine, &vm, &repl, d, &mut window, observer)?;
+        let (index, report) = replicate_disk(&ctx, engine, &vm, &repl, d, &mut window, observer)?;
         indexes.push(index);
         reports.push(report);
-        digests.push(sha);
     }
 
     // A run that crashed after writing the manifest finds it there: the point exists
@@ -219,7 +217,7 @@ pub fn replicate(
     } else {
         // Indexes, then the manifest: the commit point.
         let mut mdisks = Vec::new();
-        for ((d, index), sha) in disks.iter().zip(&indexes).zip(&digests) {
+        for ((d, index), report) in disks.iter().zip(&indexes).zip(&reports) {
             let env = seal(&key, ObjectKind::Index, &index.encode(), 3)?;
             rt.block_on(store.put_index(&vm.id, &repl.point_id, d.disk, Bytes::from(env)))
                 .map_err(|e| Error::from(e).context(format!("storing the index of disk {}", d.disk)))?;
@@ -237,7 +235,7 @@ pub fn replicate(
                 data_chunks: index.entries().iter().filter(|e| matches!(e, IndexEntry::Chunk(_))).count()
                     as u64,
                 index_digest: index_digest(&key, index),
-                sha256: Some(sha.clone()),
+                sha256: Some(report.sha256.clone()),
             });
         }
         let manifest = Manifest {
@@ -365,7 +363,6 @@ fn start(
         run_started: None,
         run_base_bytes: 0,
         finished: None,
-        heartbeat: None,
         recent_rate: None,
     };
     engine.db().start_replication(&row, &disks)?;
@@ -399,7 +396,7 @@ fn replicate_disk(
     d: &ReplicationDiskRow,
     window: &mut RateWindow,
     observer: &(dyn Fn(ReplicateEvent) + Sync),
-) -> Result<(BaseIndex, DiskReport, String)> {
+) -> Result<(BaseIndex, DiskReport)> {
     let db = engine.db();
     let label = format!("disk {} ({})", d.disk, d.source_path.display());
     let disk = open_source(&d.read_path).map_err(|e| e.context(&label))?;
@@ -467,11 +464,12 @@ fn replicate_disk(
                 // thread waits for always has one: the pool cannot deadlock.
                 while let Some(mut buf) = pool.take(abort) {
                     let n = next.fetch_add(1, Ordering::Relaxed);
-                    if n >= count || done[n] {
+                    if n >= count {
                         pool.put(buf);
-                        if n >= count {
-                            break;
-                        }
+                        break;
+                    }
+                    if done[n] {
+                        pool.put(buf);
                         continue;
                     }
                     let start = n as u64 * csize;
@@ -504,7 +502,7 @@ fn replicate_disk(
         // The first finished chunks are recorded at once (a run killed early then has
         // progress to resume from); later ones in batches of up to a second.
         let mut last_flush = Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now);
-        let mut last_beat = Instant::now();
+        let mut last_rate = Instant::now();
         let flush = |batch: &mut Vec<_>, first_error: &mut Option<Error>| {
             if let Err(e) = db.record_chunks(&vm.id, &repl.point_id, d.disk, batch) {
                 abort.store(true, Ordering::Relaxed);
@@ -538,10 +536,10 @@ fn replicate_disk(
                 flush(&mut batch, &mut first_error);
                 last_flush = Instant::now();
             }
-            if last_beat.elapsed() >= Duration::from_secs(1) {
-                last_beat = Instant::now();
+            if last_rate.elapsed() >= Duration::from_secs(1) {
+                last_rate = Instant::now();
                 // Advisory (for `tern status`): a failure here is not the run's failure.
-                let _ = db.heartbeat(&vm.id, &repl.point_id, window.rate(last_beat));
+                let _ = db.record_rate(&vm.id, &repl.point_id, window.rate(last_rate));
             }
         }
         flush(&mut batch, &mut first_error);
@@ -558,8 +556,7 @@ fn replicate_disk(
     db.set_disk_state(&vm.id, &repl.point_id, d.disk, "done")?;
     observer(ReplicateEvent::DiskDone { disk: d.disk });
     report.sha256 = hex::encode(digest);
-    let sha = report.sha256.clone();
-    Ok((index, report, sha))
+    Ok((index, report))
 }
 
 /// Guest bytes done over the last minute of a run, sampled about every second: the

@@ -43,13 +43,7 @@ fn round_trip_to_every_format() {
     assert_eq!((r.disks[2].zero_chunks, r.disks[2].uploaded_chunks), (8, 1), "{:?}", r.disks[2]);
     assert_eq!(r.disks[2].read_bytes, 4 << 20, "zero/unallocated chunks are not read");
 
-    for fmt in [
-        MigrateFormat::Raw,
-        MigrateFormat::Qcow2,
-        MigrateFormat::Vhd,
-        MigrateFormat::Vhdx,
-        MigrateFormat::Azure,
-    ] {
+    for fmt in MigrateFormat::ALL {
         let out = h.root.join(format!("out-{fmt:?}"));
         let m = run_migrate(&h.engine, "web", fmt, &out).unwrap_or_else(|e| panic!("{fmt:?}: {e}"));
         assert_eq!(m.point_id, r.point_id);

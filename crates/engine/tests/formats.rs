@@ -120,13 +120,7 @@ fn every_source_format_to_every_output_format() {
         );
     }
 
-    for fmt in [
-        MigrateFormat::Raw,
-        MigrateFormat::Qcow2,
-        MigrateFormat::Vhd,
-        MigrateFormat::Vhdx,
-        MigrateFormat::Azure,
-    ] {
+    for fmt in MigrateFormat::ALL {
         let out = h.root.join(format!("out-{fmt:?}"));
         let m = run_migrate(&h.engine, "multi", fmt, &out).unwrap_or_else(|e| panic!("{fmt:?}: {e}"));
         assert_eq!(m.point_id, r.point_id);
