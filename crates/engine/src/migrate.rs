@@ -1,7 +1,7 @@
 //! Migrate: a recovery point -> disk images in a target format plus VM definitions.
 //!
 //! Every chunk is fetched by N workers and verified (authenticated, and hashed back to
-//! its address by `open_chunk`). Raw and fixed-VHD outputs (fixed layout) are written by
+//! its address by `open_chunk_into`). Raw and fixed-VHD outputs (fixed layout) are written by
 //! the workers themselves, each chunk as it arrives, past the page cache where the
 //! filesystem allows (`O_DIRECT`); other formats allocate as they go and are written in
 //! chunk order by one thread. The SHA-256 printed for each disk is the one replication

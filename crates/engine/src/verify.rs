@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use tern_chunk::{ChunkAddress, IndexEntry, ENVELOPE_OVERHEAD};
 
-use crate::migrate::{fetch_chunk, fetch_index};
+use crate::migrate::{fetch_chunk_into, fetch_index};
 use crate::{Engine, Manifest, Result};
 
 /// Options.
@@ -182,11 +182,21 @@ fn read_chunks(
     let verdicts: Mutex<Vec<Option<String>>> = Mutex::new(vec![None; chunks.len()]);
     std::thread::scope(|s| {
         for _ in 0..threads.clamp(1, crate::MAX_THREADS) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((addr, len)) = chunks.get(i) else { break };
-                let verdict = rt.block_on(fetch_chunk(key, store, addr, *len)).err().map(|e| e.to_string());
-                verdicts.lock().unwrap_or_else(|p| p.into_inner())[i] = verdict;
+            s.spawn(|| {
+                // One buffer per worker, as long as the longest chunk.
+                let longest = chunks.iter().map(|&(_, len)| len).max().unwrap_or(0);
+                let mut buf = vec![0u8; usize::try_from(longest).unwrap_or(0)];
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((addr, len)) = chunks.get(i) else { break };
+                    let verdict = match buf.get_mut(..*len as usize) {
+                        Some(out) => {
+                            rt.block_on(fetch_chunk_into(key, store, addr, out)).err().map(|e| e.to_string())
+                        }
+                        None => Some(format!("chunk {addr}: length {len} is out of range")),
+                    };
+                    verdicts.lock().unwrap_or_else(|p| p.into_inner())[i] = verdict;
+                }
             });
         }
     });

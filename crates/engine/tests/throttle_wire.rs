@@ -37,7 +37,7 @@ use tern_store::Store;
 use time::macros::datetime;
 use time::UtcOffset;
 
-use store_support::emulator::{self, Emulator};
+use store_support::Remote;
 use windows::{incompressible_envelope, worst_window, Samples, WINDOW};
 
 /// Virtual seconds uploaded per run: 17 windows, some 45 chunks at 50 Mbps.
@@ -120,54 +120,10 @@ fn relay(client: TcpStream, upstream: u16, stamp: Arc<dyn Fn(usize) + Send + Syn
     });
 }
 
-/// Which emulator, and how the store reaches it through a proxy at `port`.
-#[derive(Clone, Copy)]
-enum Backend {
-    Azurite,
-    Moto,
-}
-
-impl Backend {
-    /// The emulator, ready for a store named "tern"; `None` when skipped.
-    fn start(self) -> Option<Emulator> {
-        let started = match self {
-            Backend::Azurite => emulator::azurite(),
-            Backend::Moto => emulator::moto(),
-        };
-        let emulator = match started {
-            Ok(emulator) => emulator,
-            Err(skip) => {
-                store_support::skipped(self.name(), skip);
-                return None;
-            }
-        };
-        match self {
-            Backend::Azurite => store_support::azure::create_container(emulator.port, "tern"),
-            Backend::Moto => store_support::create_bucket(emulator.port, "tern"),
-        }
-        Some(emulator)
-    }
-
-    fn open(self, port: u16) -> Store {
-        let (url, env) = match self {
-            Backend::Azurite => ("az://tern/wire", store_support::azurite_env(port)),
-            Backend::Moto => ("s3://tern/wire", store_support::s3_env(port)),
-        };
-        Store::open_with_env(url, env).expect("opening the store")
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Backend::Azurite => "azurite",
-            Backend::Moto => "moto",
-        }
-    }
-}
-
 /// Upload chunks at a fixed `bps` from `workers` threads for [`RUN`] virtual seconds
 /// to `backend` through the stamping proxy; every 10 s window of what reached the
 /// server must be within 5% of the limit. Returns the worst deviation.
-fn steady(backend: Backend, bps: u64, workers: usize) -> Option<f64> {
+fn steady(backend: Remote, bps: u64, workers: usize) -> Option<f64> {
     let emulator = backend.start()?;
     let clock = Arc::new(VirtualClock::new(datetime!(2026-01-05 12:00 UTC)));
     let samples = Arc::new(Mutex::new(vec![(0.0, 0u64)]));
@@ -183,7 +139,7 @@ fn steady(backend: Backend, bps: u64, workers: usize) -> Option<f64> {
         })
     };
     let relay = proxy(emulator.port, stamp);
-    let store = backend.open(relay.port);
+    let store = backend.open(relay.port, "wire", &[]);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let envelope = incompressible_envelope();
     let limit = Limit::Bps(bps);
@@ -268,20 +224,20 @@ fn upload(
 
 #[test]
 fn throttled_upload_to_s3_one_worker_is_within_5_percent_on_the_wire() {
-    steady(Backend::Moto, 50_000_000, 1);
+    steady(Remote::Moto, 50_000_000, 1);
 }
 
 #[test]
 fn throttled_upload_to_s3_four_workers_is_within_5_percent_on_the_wire() {
-    steady(Backend::Moto, 50_000_000, 4);
+    steady(Remote::Moto, 50_000_000, 4);
 }
 
 #[test]
 fn throttled_upload_to_azure_one_worker_is_within_5_percent_on_the_wire() {
-    steady(Backend::Azurite, 50_000_000, 1);
+    steady(Remote::Azurite, 50_000_000, 1);
 }
 
 #[test]
 fn throttled_upload_to_azure_four_workers_is_within_5_percent_on_the_wire() {
-    steady(Backend::Azurite, 50_000_000, 4);
+    steady(Remote::Azurite, 50_000_000, 4);
 }

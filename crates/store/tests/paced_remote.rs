@@ -16,10 +16,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tern_chunk::ChunkAddress;
-use tern_store::{ErrorKind, Store};
+use tern_store::ErrorKind;
 
-use support::emulator::{self, Emulator};
-use support::{address, azurite_env, payload, runtime, s3_env, skipped};
+use support::Remote;
+use support::{address, payload, runtime};
 
 /// What one client connection has sent so far.
 type Sent = Arc<Mutex<Vec<u8>>>;
@@ -134,49 +134,6 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Azurite,
-    Moto,
-}
-
-impl Backend {
-    fn start(self) -> Option<Emulator> {
-        let started = match self {
-            Backend::Azurite => emulator::azurite(),
-            Backend::Moto => emulator::moto(),
-        };
-        let emulator = match started {
-            Ok(emulator) => emulator,
-            Err(skip) => {
-                skipped(self.name(), skip);
-                return None;
-            }
-        };
-        match self {
-            Backend::Azurite => support::azure::create_container(emulator.port, "tern"),
-            Backend::Moto => support::create_bucket(emulator.port, "tern"),
-        }
-        Some(emulator)
-    }
-
-    fn open(self, port: u16, extra: &[(&str, &str)]) -> Store {
-        let (url, mut env) = match self {
-            Backend::Azurite => ("az://tern/p", azurite_env(port)),
-            Backend::Moto => ("s3://tern/p", s3_env(port)),
-        };
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        Store::open_with_env(url, env).expect("opening the store")
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Backend::Azurite => "azurite",
-            Backend::Moto => "moto",
-        }
-    }
-}
-
 /// The hex of a chunk address as it appears in its object name.
 fn hex(a: &ChunkAddress) -> String {
     a.0.iter().map(|b| format!("{b:02x}")).collect()
@@ -184,10 +141,10 @@ fn hex(a: &ChunkAddress) -> String {
 
 /// A paced chunk is one PUT of the whole chunk (Content-Length as the chunk, no
 /// chunked encoding, no blocks), conditional; an unpaced put is one PUT too.
-fn one_request_per_chunk(backend: Backend) {
+fn one_request_per_chunk(backend: Remote) {
     let Some(emulator) = backend.start() else { return };
     let wire = recorder(emulator.port);
-    let store = backend.open(wire.port, &[]);
+    let store = backend.open(wire.port, "p", &[]);
     const LEN: usize = 1 << 20;
     runtime().block_on(async {
         let plain = address(1);
@@ -221,19 +178,19 @@ fn one_request_per_chunk(backend: Backend) {
 
 #[test]
 fn azure_paced_chunk_is_one_conditional_request() {
-    one_request_per_chunk(Backend::Azurite);
+    one_request_per_chunk(Remote::Azurite);
 }
 
 #[test]
 fn s3_paced_chunk_is_one_conditional_request() {
-    one_request_per_chunk(Backend::Moto);
+    one_request_per_chunk(Remote::Moto);
 }
 
 /// Another client stores the chunk while a paced upload of it is midway: the paced
 /// upload succeeds (the chunk is there) and does not replace the other copy.
-fn chunk_stored_meanwhile_is_kept(backend: Backend) {
+fn chunk_stored_meanwhile_is_kept(backend: Remote) {
     let Some(emulator) = backend.start() else { return };
-    let store = backend.open(emulator.port, &[]);
+    let store = backend.open(emulator.port, "p", &[]);
     let a = address(3);
     let grants = AtomicU32::new(0);
     let pacer = |_| {
@@ -241,7 +198,7 @@ fn chunk_stored_meanwhile_is_kept(backend: Backend) {
             // On its own thread and runtime: the pacer blocks this one.
             std::thread::scope(|s| {
                 s.spawn(|| {
-                    let other = backend.open(emulator.port, &[]);
+                    let other = backend.open(emulator.port, "p", &[]);
                     runtime().block_on(other.put_chunk(&a, payload(30, 300 << 10))).unwrap();
                 });
             });
@@ -257,24 +214,24 @@ fn chunk_stored_meanwhile_is_kept(backend: Backend) {
 
 #[test]
 fn azure_commit_is_conditional() {
-    chunk_stored_meanwhile_is_kept(Backend::Azurite);
+    chunk_stored_meanwhile_is_kept(Remote::Azurite);
 }
 
 #[test]
 fn s3_commit_is_conditional() {
-    chunk_stored_meanwhile_is_kept(Backend::Moto);
+    chunk_stored_meanwhile_is_kept(Remote::Moto);
 }
 
 /// A paced request that waits for its grants far longer than the request timeout
 /// (8 waits of 150 ms against a 400 ms timeout) still completes: the timeout counts only
 /// the time the request is not waiting for the pacer.
-fn waiting_for_the_pacer_is_not_a_timeout(backend: Backend) {
+fn waiting_for_the_pacer_is_not_a_timeout(backend: Remote) {
     let Some(emulator) = backend.start() else { return };
     let timeout = match backend {
-        Backend::Azurite => "AZURE_TIMEOUT",
-        Backend::Moto => "AWS_TIMEOUT",
+        Remote::Azurite => "AZURE_TIMEOUT",
+        Remote::Moto => "AWS_TIMEOUT",
     };
-    let store = backend.open(emulator.port, &[(timeout, "400ms")]);
+    let store = backend.open(emulator.port, "p", &[(timeout, "400ms")]);
     let pacer = |_| {
         std::thread::sleep(Duration::from_millis(150));
         64 << 10
@@ -288,20 +245,20 @@ fn waiting_for_the_pacer_is_not_a_timeout(backend: Backend) {
 
 #[test]
 fn azure_paced_put_waits_are_not_timeouts() {
-    waiting_for_the_pacer_is_not_a_timeout(Backend::Azurite);
+    waiting_for_the_pacer_is_not_a_timeout(Remote::Azurite);
 }
 
 #[test]
 fn s3_paced_put_waits_are_not_timeouts() {
-    waiting_for_the_pacer_is_not_a_timeout(Backend::Moto);
+    waiting_for_the_pacer_is_not_a_timeout(Remote::Moto);
 }
 
 /// Cancelling a paced put (dropping it midway) ends its request: nothing is stored,
 /// and the next paced put of the chunk goes through.
 #[test]
 fn cancelled_paced_put_stores_nothing() {
-    let Some(emulator) = Backend::Azurite.start() else { return };
-    let store = Backend::Azurite.open(emulator.port, &[]);
+    let Some(emulator) = Remote::Azurite.start() else { return };
+    let store = Remote::Azurite.open(emulator.port, "p", &[]);
     let a = address(5);
     runtime().block_on(async {
         let grants = AtomicU32::new(0);

@@ -3,14 +3,17 @@
 //! (qemu-img, moto's S3 server behind a loopback proxy that can be cut, tmpfs).
 #![allow(dead_code)] // Each test binary uses a different subset.
 
+#[path = "../../../engine/tests/support/oracle.rs"]
+mod oracle;
 pub mod proxy;
+
+#[allow(unused_imports)] // Each test binary uses a different subset.
+pub use oracle::{qemu, sha256_file as sha256};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
-
-use sha2::{Digest, Sha256};
 
 /// The binary with its own data directory and no environment leaking in.
 pub fn tern(data: &Path) -> Command {
@@ -125,35 +128,6 @@ pub fn random_image(path: &Path, mib: u64, seed: u64) {
         f.write_all(&buf).unwrap();
     }
     f.into_inner().unwrap().sync_all().unwrap();
-}
-
-/// SHA-256 of a whole file, hex.
-pub fn sha256(p: &Path) -> String {
-    use std::io::Read;
-    let mut f = std::fs::File::open(p).unwrap();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    // Bounded by the file's length.
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    hex::encode(h.finalize())
-}
-
-/// Run a qemu tool; panic with its output if it fails.
-pub fn qemu(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("running {tool}: {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `tern status NAME --json` of one VM.

@@ -24,7 +24,7 @@
 
 use std::path::Path;
 
-use super::footer::{be32, be64, checksum, fourcc};
+use super::footer::{be32, be64, checksum, fourcc, verify_checksum};
 use crate::{Error, Result};
 
 /// Size of the dynamic header.
@@ -94,16 +94,7 @@ impl DynamicHeader {
                 ),
             ));
         }
-        let stored = be32(buf, OFF_CHECKSUM);
-        let computed = checksum(buf, OFF_CHECKSUM..OFF_CHECKSUM + 4);
-        if stored != computed {
-            return Err(Error::corrupt(
-                path,
-                format!(
-                    "VHD dynamic header at offset {offset} fails its checksum: stored 0x{stored:08x}, computed 0x{computed:08x}"
-                ),
-            ));
-        }
+        verify_checksum(path, buf, OFF_CHECKSUM, &format_args!("VHD dynamic header at offset {offset}"))?;
         let version = be32(buf, OFF_VERSION);
         if version >> 16 != 1 {
             return Err(Error::unsupported(

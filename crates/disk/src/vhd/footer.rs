@@ -202,6 +202,20 @@ pub fn checksum(buf: &[u8], skip: std::ops::Range<usize>) -> u32 {
     !sum
 }
 
+/// Check the checksum stored (big-endian) at `at` in `buf`; a mismatch is a `Corrupt`
+/// error naming `what` (the structure and where it is).
+pub fn verify_checksum(path: &Path, buf: &[u8], at: usize, what: &dyn std::fmt::Display) -> Result<()> {
+    let stored = be32(buf, at);
+    let computed = checksum(buf, at..at + 4);
+    if stored == computed {
+        return Ok(());
+    }
+    Err(Error::corrupt(
+        path,
+        format!("{what} fails its checksum: stored 0x{stored:08x}, computed 0x{computed:08x}"),
+    ))
+}
+
 fn be16(b: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([b[off], b[off + 1]])
 }
@@ -228,16 +242,7 @@ impl Footer {
                 format!("no VHD footer {where_}: cookie is {:?}, expected \"conectix\"", fourcc(&buf[..8])),
             ));
         }
-        let stored = be32(buf, OFF_CHECKSUM);
-        let computed = checksum(buf, OFF_CHECKSUM..OFF_CHECKSUM + 4);
-        if stored != computed {
-            return Err(Error::corrupt(
-                path,
-                format!(
-                    "VHD footer {where_} fails its checksum: stored 0x{stored:08x}, computed 0x{computed:08x}"
-                ),
-            ));
-        }
+        verify_checksum(path, buf, OFF_CHECKSUM, &format_args!("VHD footer {where_}"))?;
         let type_code = be32(buf, OFF_DISK_TYPE);
         let disk_type = DiskType::from_code(type_code).ok_or_else(|| {
             Error::unsupported(

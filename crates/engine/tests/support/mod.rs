@@ -2,10 +2,12 @@
 //! replicate / migrate with no progress display, and the qemu tools as oracles.
 #![allow(dead_code)] // Each test binary uses a different subset.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod oracle;
 
-use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+#[allow(unused_imports)] // Each test binary uses a different subset.
+pub use oracle::{qemu, sha256_file};
 use tern_engine::throttle::Throttle;
 use tern_engine::{
     migrate, replicate, Engine, EngineOptions, Firmware, MigrateFormat, MigrateOptions, MigrateReport,
@@ -75,18 +77,6 @@ pub fn run_migrate(
     )
 }
 
-/// Run a qemu tool; panic with its output if it fails.
-pub fn qemu(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("running {tool}: {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// `qemu-img compare` of `a` (QEMU driver `fa`) with `b` (driver `fb`). Formats are
 /// always given: QEMU probes a fixed VHD as raw.
 pub fn qemu_compare(a: &Path, fa: &str, b: &Path, fb: &str) {
@@ -98,23 +88,6 @@ pub fn qemu_virtual_size(p: &Path, fmt: &str) -> u64 {
     let info = qemu("qemu-img", &["info", "--output=json", "-f", fmt, &p.to_string_lossy()]);
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     v["virtual-size"].as_u64().unwrap()
-}
-
-/// SHA-256 of a whole file, hex, read in pieces.
-pub fn sha256_file(p: &Path) -> String {
-    use std::io::Read;
-    let mut f = std::fs::File::open(p).unwrap();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    // Bounded by the file's length.
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    hex::encode(h.finalize())
 }
 
 /// SHA-256 of an image's guest content as QEMU reads it (`qemu-img convert -O raw`).

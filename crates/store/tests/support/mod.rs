@@ -62,3 +62,50 @@ pub fn payload(n: u8, len: usize) -> Bytes {
 pub fn skipped(test: &str, skip: emulator::Skipped) {
     println!("SKIPPED {test}: {} (TERN_SKIP_EMULATORS=1)", skip.0);
 }
+
+/// An emulated remote backend, for tests that run the same case against Azure and S3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remote {
+    Azurite,
+    Moto,
+}
+
+impl Remote {
+    /// The emulator, with a container or bucket named "tern"; `None` when skipped.
+    pub fn start(self) -> Option<emulator::Emulator> {
+        let started = match self {
+            Remote::Azurite => emulator::azurite(),
+            Remote::Moto => emulator::moto(),
+        };
+        let emulator = match started {
+            Ok(emulator) => emulator,
+            Err(skip) => {
+                skipped(self.name(), skip);
+                return None;
+            }
+        };
+        match self {
+            Remote::Azurite => azure::create_container(emulator.port, "tern"),
+            Remote::Moto => create_bucket(emulator.port, "tern"),
+        }
+        Some(emulator)
+    }
+
+    /// A store under `prefix` in "tern", reached at `port` (the emulator's, or a proxy's
+    /// in front of it), with `extra` settings added to the environment.
+    pub fn open(self, port: u16, prefix: &str, extra: &[(&str, &str)]) -> tern_store::Store {
+        let (url, mut env) = match self {
+            Remote::Azurite => (format!("az://tern/{prefix}"), azurite_env(port)),
+            Remote::Moto => (format!("s3://tern/{prefix}"), s3_env(port)),
+        };
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        tern_store::Store::open_with_env(&url, env).expect("opening the store")
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Remote::Azurite => "azurite",
+            Remote::Moto => "moto",
+        }
+    }
+}
