@@ -132,27 +132,30 @@ impl ImageFile {
     /// Write all of `buf` at `offset`: straight to the device when direct I/O is on
     /// and the write is aligned ([`crate::AlignedBuf`]), through the page cache otherwise.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if let Some(direct) = self.direct.get() {
-            if crate::aligned::is_direct_aligned(buf, offset) {
-                match direct.write_all_at(buf, offset) {
-                    Ok(()) => return Ok(()),
-                    // A filesystem that opened with O_DIRECT but refuses this write:
-                    // the buffered descriptor writes the whole buffer (again, should a
-                    // first direct part have gone through).
-                    Err(e) if e.raw_os_error() == Some(direct_io::EINVAL) => {}
-                    Err(e) => {
-                        return Err(Error::io(
-                            &self.path,
-                            format!("direct write of {} bytes at offset {offset}", buf.len()),
-                            e,
-                        ))
-                    }
+        if let Some(direct) = self.direct.get().filter(|_| crate::aligned::is_direct_aligned(buf, offset)) {
+            match direct.write_all_at(buf, offset) {
+                Ok(()) => return Ok(()),
+                // A filesystem that opened with O_DIRECT but refuses this write: the
+                // buffered descriptor writes the whole buffer (again, should a first
+                // direct part have gone through).
+                Err(e) if e.raw_os_error() == Some(direct_io::EINVAL) => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        &self.path,
+                        format!("direct write of {} bytes at offset {offset}", buf.len()),
+                        e,
+                    ))
                 }
             }
         }
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| Error::io(&self.path, format!("write {} bytes at offset {offset}", buf.len()), e))
+    }
+
+    /// Whether [`ImageFile::write_all_at`] sends this write past the page cache.
+    pub(crate) fn goes_direct(&self, buf: &[u8], offset: u64) -> bool {
+        self.direct.get().is_some() && crate::aligned::is_direct_aligned(buf, offset)
     }
 
     /// Send aligned writes past the page cache from now on (`O_DIRECT` on a second
@@ -249,8 +252,13 @@ impl crate::ConcurrentWrite for FixedLayoutWriter {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         crate::check_range(self.file.path(), offset, buf.len(), self.size)?;
-        self.file.write_all_at(buf, self.data_offset + offset)?;
-        self.file.start_writeback(self.data_offset + offset, buf.len() as u64);
+        let at = self.data_offset + offset;
+        // A direct write leaves nothing dirty to start writing back.
+        let direct = self.file.goes_direct(buf, at);
+        self.file.write_all_at(buf, at)?;
+        if !direct {
+            self.file.start_writeback(at, buf.len() as u64);
+        }
         Ok(())
     }
 }
