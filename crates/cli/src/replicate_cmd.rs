@@ -176,7 +176,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
         let elapsed = r.run_started.as_deref().and_then(parse_time).map(|t| (now - t).as_seconds_f64());
         // The rate over the last minute; the average since the run started until the
         // first minute's samples exist.
-        let rate = match (running && alive, r.recent_rate, elapsed) {
+        let rate = match (alive, r.recent_rate, elapsed) {
             (true, Some(recent), _) => Some(recent as f64),
             (true, None, Some(e)) if e >= 1.0 => Some(done.saturating_sub(r.run_base_bytes) as f64 / e),
             _ => None,

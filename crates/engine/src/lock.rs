@@ -21,23 +21,19 @@ fn lock_path(engine: &Engine, vm_id: &str) -> PathBuf {
     engine.data_dir().locks_dir().join(format!("{vm_id}.lock"))
 }
 
-fn open(engine: &Engine, vm_id: &str) -> Result<File> {
-    let dir = engine.data_dir().locks_dir();
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    let path = lock_path(engine, vm_id);
-    OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))
-}
-
 impl RunLock {
     /// Take the lock of VM `vm_id` (named `name` in messages). Waits up to a second
     /// (a `tern status` holds it for an instant while it looks), then refuses.
     pub fn acquire(engine: &Engine, vm_id: &str, name: &str) -> Result<RunLock> {
-        let file = open(engine, vm_id)?;
+        let dir = engine.data_dir().locks_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let path = lock_path(engine, vm_id);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         let start = Instant::now();
         loop {
             match file.try_lock() {
@@ -54,7 +50,7 @@ impl RunLock {
                     ))
                 }
                 Err(TryLockError::Error(e)) => {
-                    return Err(Error::io(format!("locking {}", lock_path(engine, vm_id).display()), e))
+                    return Err(Error::io(format!("locking {}", path.display()), e))
                 }
             }
         }
