@@ -171,10 +171,11 @@ impl Store {
         match &self.parts {
             Parts::Staged(local) => {
                 let first = paced::next_part(pacer, envelope.len());
-                if first >= envelope.len() {
-                    return self.put_chunk(address, envelope).await;
+                match self.put_local(local, &path, envelope, PutMode::Create, &object, first, pacer).await {
+                    // Stored by another writer meanwhile: the same chunk.
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+                    other => other,
                 }
-                self.put_staged(local, &path, envelope, first, pacer, &object).await
             }
             Parts::Body => {
                 let put = self.put_counted(&path, envelope, PutMode::Create, &object, Count::Parts);
@@ -339,7 +340,8 @@ impl Store {
     ) -> Result<()> {
         let len = bytes.len();
         if let Parts::Staged(local) = &self.parts {
-            return self.put_local(local, path, bytes, mode, object, count).await;
+            // One part: the pacer (which would admit everything) is never asked.
+            return self.put_local(local, path, bytes, mode, object, len, &|r: u64| r).await;
         }
         let opts = PutOptions::from(mode);
         match self.inner.put_opts(path, PutPayload::from(bytes.clone()), opts).await {
@@ -376,45 +378,6 @@ impl Store {
         }
     }
 
-    /// A put into a local folder, durable when it returns: the bytes go to a hidden
-    /// staging file that is synced, then linked (create-only) or renamed (overwrite)
-    /// under the object's name, and the folder synced (see `paced.rs`). object_store's
-    /// own local put syncs nothing, so after a power loss an object it reported written
-    /// could be missing or empty while the state database records it as stored.
-    async fn put_local(
-        &self,
-        local: &LocalFileSystem,
-        path: &Path,
-        bytes: Bytes,
-        mode: PutMode,
-        object: &Object<'_>,
-        count: Count,
-    ) -> Result<()> {
-        let dest = local.path_to_filesystem(path).map_err(|e| self.backend_error(e, object, "put"))?;
-        let shown = dest.display().to_string();
-        let len = bytes.len();
-        let replace = matches!(mode, PutMode::Overwrite);
-        let written = blocking(move || -> std::io::Result<bool> {
-            let mut staged = Staged::create(dest)?;
-            staged.append(&bytes)?;
-            if replace {
-                staged.replace().map(|()| true)
-            } else {
-                staged.commit()
-            }
-        })
-        .await
-        .map_err(|e| self.error(ErrorKind::Other, object, e))?
-        .map_err(|e| Error::from_io(&e, &self.url, &format_args!("{object}: writing {shown}")))?;
-        // The bytes were written even when the store kept an older copy.
-        self.count_put(len, count);
-        if written {
-            Ok(())
-        } else {
-            Err(self.error(ErrorKind::AlreadyExists, object, "already exists; objects are never replaced"))
-        }
-    }
-
     fn count_put(&self, len: usize, count: Count) {
         match count {
             Count::Whole => self.counters.record_put(len),
@@ -422,18 +385,24 @@ impl Store {
         }
     }
 
-    /// A paced chunk into a local folder: parts appended to a staging file, which is
-    /// then linked create-only under the chunk's name (see `paced.rs`). File work runs
-    /// on the blocking pool; `Staged` removes the staging file if anything fails or this
-    /// future is dropped.
-    async fn put_staged(
+    /// A put into a local folder, durable when it returns: the bytes go to a hidden
+    /// staging file, `first` bytes and then each part `pacer` admits (everything at once
+    /// for an unpaced put), which is synced, then linked (create-only) or renamed
+    /// (overwrite) under the object's name, and the folder synced (see `paced.rs`).
+    /// object_store's own local put syncs nothing, so after a power loss an object it
+    /// reported written could be missing or empty while the state database records it
+    /// as stored. File work runs on the blocking pool; `Staged` removes the staging file
+    /// if anything fails or this future is dropped.
+    #[allow(clippy::too_many_arguments)]
+    async fn put_local(
         &self,
         local: &LocalFileSystem,
         path: &Path,
-        envelope: Bytes,
+        bytes: Bytes,
+        mode: PutMode,
+        object: &Object<'_>,
         first: usize,
         pacer: &dyn Pacer,
-        object: &Object<'_>,
     ) -> Result<()> {
         let dest = local.path_to_filesystem(path).map_err(|e| self.backend_error(e, object, "put"))?;
         let shown = dest.display().to_string();
@@ -443,12 +412,12 @@ impl Store {
             .await
             .map_err(|e| self.error(ErrorKind::Other, object, e))?
             .map_err(|e| io_error(e, &format!("creating a staging file for {shown}")))?;
-        let (len, mut offset, mut part) = (envelope.len(), 0, first);
+        let (len, mut offset, mut part) = (bytes.len(), 0, first.min(bytes.len()));
         // Bounded: every part is at least one byte.
         while part > 0 {
-            let bytes = envelope.slice(offset..offset + part);
+            let piece = bytes.slice(offset..offset + part);
             let (back, written) = blocking(move || {
-                let written = staged.append(&bytes);
+                let written = staged.append(&piece);
                 (staged, written)
             })
             .await
@@ -459,13 +428,19 @@ impl Store {
             offset += part;
             part = paced::next_part(pacer, len - offset);
         }
-        // Created, or the chunk existed already: both are success for a chunk.
-        blocking(move || staged.commit())
-            .await
-            .map_err(|e| self.error(ErrorKind::Other, object, e))?
-            .map_err(|e| io_error(e, &format!("linking the staged chunk as {shown}")))?;
+        let replace = matches!(mode, PutMode::Overwrite);
+        let created =
+            blocking(move || if replace { staged.replace().map(|()| true) } else { staged.commit() })
+                .await
+                .map_err(|e| self.error(ErrorKind::Other, object, e))?
+                .map_err(|e| io_error(e, &format!("making the staged object {shown}")))?;
+        // Counted even when the store kept an older copy: the bytes were written.
         self.counters.record_put_object();
-        Ok(())
+        if created {
+            Ok(())
+        } else {
+            Err(self.error(ErrorKind::AlreadyExists, object, "already exists; objects are never replaced"))
+        }
     }
 
     /// Write an object that must never be replaced: a check first (some S3-compatible
