@@ -240,6 +240,35 @@ pub fn create_disk(path: &Path, options: &CreateOptions) -> Result<Box<dyn DiskW
     }
 }
 
+/// One piece of a guest access that lies within one block (cluster) of an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BlockPiece {
+    /// Block number.
+    pub block: u64,
+    /// Offset of the piece in its block.
+    pub within: u64,
+    /// Where the piece is in the caller's buffer (`pos = offset + buf.start`).
+    pub buf: std::ops::Range<usize>,
+}
+
+/// An access of `len` bytes at guest `offset`, split at the boundaries of blocks of
+/// `block_size` bytes, in order: the walk every block-mapped format does per read or
+/// write.
+pub(crate) fn block_pieces(offset: u64, len: usize, block_size: u64) -> impl Iterator<Item = BlockPiece> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let pos = offset + done as u64;
+        let within = pos % block_size;
+        let n = usize::try_from(block_size - within).unwrap_or(usize::MAX).min(len - done);
+        let piece = BlockPiece { block: pos / block_size, within, buf: done..done + n };
+        done += n;
+        Some(piece)
+    })
+}
+
 /// Check a guest range against the virtual size; the common prologue of every read/write.
 pub(crate) fn check_range(path: &Path, offset: u64, len: usize, virtual_size: u64) -> Result<()> {
     match offset.checked_add(len as u64) {
@@ -248,5 +277,24 @@ pub(crate) fn check_range(path: &Path, offset: u64, len: usize, virtual_size: u6
             Some(path),
             format!("access of {len} bytes at offset {offset} is beyond the virtual size {virtual_size}"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_pieces_split_at_block_boundaries_and_cover_the_access() {
+        let pieces: Vec<_> = block_pieces(1000, 5000, 2048).collect();
+        let want = [(0, 1000, 0..1048), (1, 0, 1048..3096), (2, 0, 3096..5000)];
+        assert_eq!(pieces.len(), want.len());
+        for (p, (block, within, buf)) in pieces.iter().zip(want) {
+            assert_eq!((p.block, p.within, p.buf.clone()), (block, within, buf));
+        }
+        assert_eq!(block_pieces(4096, 4096, 4096).count(), 1);
+        assert_eq!(block_pieces(7, 0, 4096).count(), 0);
+        // A block larger than any buffer: one piece.
+        assert_eq!(block_pieces(1 << 40, 10, 1 << 41).next().unwrap().buf, 0..10);
     }
 }

@@ -18,7 +18,7 @@ use super::header::{incompatible, Compression, Header, V3_WRITTEN_HEADER_LEN};
 use super::l2::{COPIED, OFFSET_MASK};
 use super::refcount::{RefcountLayout, REFCOUNT_ORDER};
 use crate::io::ImageFile;
-use crate::{check_range, is_zero, Error, Result};
+use crate::{block_pieces, check_range, is_zero, BlockPiece, Error, Result};
 
 /// Memory for cached L2 tables, whatever the cluster size.
 const TABLE_CACHE_BYTES: u64 = 16 << 20;
@@ -217,12 +217,9 @@ impl crate::DiskWriter for Qcow2Writer {
         // (host offset, start in buf, length). Both must hold: a skipped all-zero piece
         // leaves a gap in `buf` while the next new cluster is still host-adjacent.
         let mut pending: Option<(u64, usize, usize)> = None;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let in_cluster = self.geometry.in_cluster(pos);
-            let n = ((cluster - in_cluster) as usize).min(buf.len() - done);
-            let piece = &buf[done..done + n];
+        for BlockPiece { within: in_cluster, buf: range, .. } in block_pieces(offset, buf.len(), cluster) {
+            let (pos, done, n) = (offset + range.start as u64, range.start, range.len());
+            let piece = &buf[range];
             if let Some(host) = self.cluster_for_write(pos, || is_zero(piece))? {
                 let at = host + in_cluster;
                 match &mut pending {
@@ -235,7 +232,6 @@ impl crate::DiskWriter for Qcow2Writer {
                     }
                 }
             }
-            done += n;
         }
         if let Some((h, s, len)) = pending {
             self.file.write_all_at(&buf[s..s + len], h)?;

@@ -26,7 +26,7 @@ use super::footer::{
     NO_DATA_OFFSET, VHD_EPOCH_UNIX,
 };
 use crate::io::{FixedLayoutWriter, ImageFile};
-use crate::{check_range, Error, Result};
+use crate::{block_pieces, check_range, BlockPiece, Error, Result};
 
 /// Block size of the dynamic disks tern writes: the specification's default, and what
 /// QEMU and Hyper-V use.
@@ -201,17 +201,14 @@ impl crate::DiskWriter for VhdWriter {
             self.file.start_writeback(offset, buf.len() as u64);
             return Ok(());
         }
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let block = (pos / BLOCK_SIZE) as usize;
-            let in_block = pos % BLOCK_SIZE;
-            let n = ((BLOCK_SIZE - in_block) as usize).min(buf.len() - done);
+        for BlockPiece { block, within: in_block, buf: range } in block_pieces(offset, buf.len(), BLOCK_SIZE)
+        {
+            let block = block as usize;
+            let n = range.len() as u64;
             let boff = self.block_data(block)?;
             let bitmap_size = self.dynamic.as_ref().expect("dynamic").layout.bitmap_size;
-            self.file.write_all_at(&buf[done..done + n], boff + bitmap_size + in_block)?;
-            self.mark(block, boff, in_block / SECTOR, (in_block + n as u64 - 1) / SECTOR)?;
-            done += n;
+            self.file.write_all_at(&buf[range], boff + bitmap_size + in_block)?;
+            self.mark(block, boff, in_block / SECTOR, (in_block + n - 1) / SECTOR)?;
         }
         Ok(())
     }

@@ -43,7 +43,8 @@ use region_table::{read_regions, Region, Regions};
 
 use crate::io::ImageFile;
 use crate::{
-    check_range, BackingInfo, Disk, Error, Format, ImageInfo, MapKind, Mapping, OpenOptions, Result,
+    block_pieces, check_range, BackingInfo, BlockPiece, Disk, Error, Format, ImageInfo, MapKind, Mapping,
+    OpenOptions, Result,
 };
 
 pub use guid::Guid;
@@ -255,12 +256,9 @@ impl Disk for VhdxDisk {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.file.path(), offset, buf.len(), self.md.virtual_size)?;
         let bs = self.geometry.block_size;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = offset + done as u64;
-            let (block, within) = (off / bs, off % bs);
-            let n = ((bs - within) as usize).min(buf.len() - done);
-            let out = &mut buf[done..done + n];
+        for BlockPiece { block, within, buf: range } in block_pieces(offset, buf.len(), bs) {
+            let (off, n) = (offset + range.start as u64, range.len());
+            let out = &mut buf[range];
             let e = self.bat.payload(&self.file, block)?;
             match e.state {
                 PAYLOAD_FULLY_PRESENT => self.file.read_exact_at(out, e.offset + within)?,
@@ -279,7 +277,6 @@ impl Disk for VhdxDisk {
                 // differencing image, zeros otherwise.
                 _ => self.read_parent(out, off)?,
             }
-            done += n;
         }
         Ok(())
     }

@@ -34,7 +34,7 @@ use super::region_table::{table_bytes, Region, Regions, REGION_TABLE_OFFSETS};
 use super::{VhdxDisk, MIB};
 use crate::convert::is_zero;
 use crate::io::ImageFile;
-use crate::{check_range, Disk, Error, OpenOptions, Result};
+use crate::{block_pieces, check_range, BlockPiece, Disk, Error, OpenOptions, Result};
 
 const LOGICAL_SECTOR: u64 = 512;
 const PHYSICAL_SECTOR: u32 = 4096;
@@ -194,12 +194,9 @@ impl crate::DiskWriter for VhdxWriter {
             ));
         }
         let bs = self.geometry.block_size;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = offset + done as u64;
-            let (block, within) = (off / bs, off % bs);
-            let n = ((bs - within) as usize).min(buf.len() - done);
-            let piece = &buf[done..done + n];
+        for BlockPiece { block, within, buf: range } in block_pieces(offset, buf.len(), bs) {
+            let (off, n) = (offset + range.start as u64, range.len());
+            let piece = &buf[range];
             let index = self.geometry.payload_index(block) as usize;
             if self.bat[index] & 7 == u64::from(PAYLOAD_NOT_PRESENT) {
                 // Zeros need no block unless they hide the parent's data.
@@ -214,7 +211,6 @@ impl crate::DiskWriter for VhdxWriter {
                     self.mark_sectors(block, off, n as u64)?;
                 }
             }
-            done += n;
         }
         Ok(())
     }
