@@ -8,7 +8,7 @@ use tern_engine::throttle::Throttle;
 use tern_engine::{Firmware, MigrateFormat, MigrateOptions, PointSelector, ReplicateOptions, VmDef};
 use tern_types::ByteSize;
 
-use crate::GlobalArgs;
+use crate::{DataDirArg, GlobalArgs};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -18,6 +18,8 @@ pub struct DemoArgs {
     /// Keep the temporary data directory (ignored with --data-dir, which is kept).
     #[arg(long)]
     keep: bool,
+    #[command(flatten)]
+    data: DataDirArg,
 }
 
 /// Make a sample disk, register a VM, replicate it, migrate it to raw and to an
@@ -25,7 +27,7 @@ pub struct DemoArgs {
 pub fn run(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
     let temp =
         tempfile::Builder::new().prefix("tern-demo.").tempdir().context("creating a temporary folder")?;
-    let mut g = g.clone();
+    let mut g = g.with(&a.data, None, None);
     let work = match &g.data_dir {
         Some(d) => d.join("demo"),
         None => {
@@ -35,13 +37,13 @@ pub fn run(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
     };
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let engine = g.engine()?;
-    println!("data directory: {}", engine.data_dir().root().display());
-    println!("store:          {}", engine.store_url());
+    outln!("data directory: {}", engine.data_dir().root().display());
+    outln!("store:          {}", engine.store_url());
 
     let name = format!("demo-{}", &tern_engine::new_vm_id()?[..8]);
     let disk = work.join(format!("{name}.raw"));
     let written = tern_engine::sample::write_sample_disk(&disk, a.size.bytes(), 2026)?;
-    println!(
+    outln!(
         "1. made a sample VM disk {}: {} with {} of data (random extents and text) and holes",
         disk.display(),
         a.size,
@@ -53,11 +55,11 @@ pub fn run(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
         cpus: 2,
         memory_bytes: 2 << 30,
         firmware: Firmware::Uefi,
-        disks: vec![disk.clone()],
-    }
-    .validate()?;
-    engine.db().vm_add(&vm)?;
-    println!("2. registered VM {name}: 2 vCPUs, 2 GiB, UEFI, 1 disk  (tern vm add)");
+        disks: vec![disk.clone().into()],
+        store_url: None,
+    };
+    tern_engine::register_vm(&engine, vm)?;
+    outln!("2. registered VM {name}: 2 vCPUs, 2 GiB, UEFI, 1 disk  (tern vm add)");
 
     let r = tern_engine::replicate(
         &engine,
@@ -67,7 +69,7 @@ pub fn run(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
         &|_| {},
     )?;
     let d = &r.disks[0];
-    println!(
+    outln!(
         "3. replicated it with 4 workers: {} chunks, {} uploaded ({}), {} zero (not stored); point {}  (tern replicate)",
         d.chunks,
         d.uploaded_chunks,
@@ -98,7 +100,7 @@ pub fn run(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
         if !same {
             bail!("the migrated disk {} differs from the source", md.path.display());
         }
-        println!(
+        outln!(
             "{step}. migrated to {:?}{}: {} (sha256 {}), identical to the source; VM definitions {} and {}  (tern migrate)",
             format,
             if opts.test { " as a test migration" } else { "" },
@@ -110,7 +112,7 @@ pub fn run(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
     }
     let v =
         tern_engine::verify(&engine, &tern_engine::VerifyOptions { read_data: true, ..Default::default() })?;
-    println!(
+    outln!(
         "6. verified the store: {} point(s), {} chunk(s) read and checked, {} problem(s)  (tern store verify --read-data)",
         v.points,
         v.distinct_chunks,
@@ -119,9 +121,9 @@ pub fn run(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
     if g.data_dir.as_deref() == Some(temp.path().join("data").as_path()) {
         if a.keep {
             let kept = temp.keep();
-            println!("kept everything in {}", kept.display());
+            outln!("kept everything in {}", kept.display());
         } else {
-            println!("removed the temporary folder (pass --keep to look around)");
+            outln!("removed the temporary folder (pass --keep to look around)");
         }
     }
     Ok(if v.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })

@@ -2,6 +2,15 @@
 //! library crates, and prints. Exit status: 0 success, 1 failure; `tern disk compare`
 //! follows `qemu-img compare`: 0 identical, 1 different, 2 error.
 
+/// `println!` that returns the error of a closed standard output instead of panicking,
+/// so that `tern points web | head -1` ends quietly.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($t)*)?;
+    }};
+}
+
 mod demo_cmd;
 mod disk_cmd;
 mod migrate_cmd;
@@ -21,7 +30,9 @@ use tern_engine::{Engine, EngineOptions};
 /// back as ready-to-boot disk images (raw, qcow2, VHD, VHDX, Azure).
 ///
 /// Everything runs on this machine: state lives in a data directory, replicated data in
-/// a store (a local folder by default; az:// and s3:// URLs work too). Typical use:
+/// a store (a local folder by default; az:// and s3:// URLs work too). The global
+/// options may be given before the command or after it; each command's --help lists
+/// the ones it uses. Typical use:
 ///
 ///   tern vm add web --disk /var/lib/libvirt/images/web.qcow2 --cpus 2 --memory 4G
 ///
@@ -34,41 +45,102 @@ use tern_engine::{Engine, EngineOptions};
 #[command(name = "tern", version, about, long_about, propagate_version = true)]
 struct Cli {
     #[command(flatten)]
-    global: GlobalArgs,
+    data: DataDirArg,
+    #[command(flatten)]
+    key: KeyFileArg,
+    #[command(flatten)]
+    store: StoreArg,
     #[command(subcommand)]
     command: Command,
 }
 
-/// Options every command accepts.
-#[derive(Args, Clone)]
-pub struct GlobalArgs {
+/// `--data-dir`: given before the command (`tern --data-dir DIR status`) or after it,
+/// on the commands that use it.
+#[derive(Args, Clone, Default)]
+pub struct DataDirArg {
     /// Data directory: state database, key, default store, snapshots.
     /// [default: $TERN_DATA_DIR, else $XDG_DATA_HOME/tern, else ~/.local/share/tern]
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help_heading = "Global options")]
     data_dir: Option<PathBuf>,
+}
+
+/// `--key-file`, before the command or after it.
+#[derive(Args, Clone, Default)]
+pub struct KeyFileArg {
     /// Key file of the store. Created on first replication; needed to read the store
-    /// anywhere (copy it with `tern key export`). [default: <data-dir>/key]
-    #[arg(long, global = true, value_name = "FILE")]
+    /// anywhere (copy it with `tern key export`). [default: $TERN_KEY_FILE, else
+    /// <data-dir>/key]
+    #[arg(long, value_name = "FILE", help_heading = "Global options")]
     key_file: Option<PathBuf>,
+}
+
+/// `--store`, before the command or after it.
+#[derive(Args, Clone, Default)]
+pub struct StoreArg {
     /// Store URL: file:///abs/path (or a plain path), az://container/prefix,
-    /// s3://bucket/prefix. [default: file://<data-dir>/store]
-    #[arg(long, global = true, value_name = "URL")]
+    /// s3://bucket/prefix (credentials: docs/stores.md). Commands about a VM use the
+    /// store it replicates to unless this is given. [default: file://<data-dir>/store]
+    #[arg(long, value_name = "URL", help_heading = "Global options")]
+    store: Option<String>,
+}
+
+/// The global options in force for one command: those given after the command win
+/// over those given before it.
+#[derive(Clone, Default)]
+pub struct GlobalArgs {
+    data_dir: Option<PathBuf>,
+    key_file: Option<PathBuf>,
     store: Option<String>,
 }
 
 impl GlobalArgs {
-    /// Open the engine with these options.
+    /// These options with the ones a subcommand took itself laid over them.
+    pub fn with(&self, data: &DataDirArg, key: Option<&KeyFileArg>, store: Option<&StoreArg>) -> GlobalArgs {
+        GlobalArgs {
+            data_dir: data.data_dir.clone().or_else(|| self.data_dir.clone()),
+            key_file: key.and_then(|k| k.key_file.clone()).or_else(|| self.key_file.clone()),
+            store: store.and_then(|s| s.store.clone()).or_else(|| self.store.clone()),
+        }
+    }
+
+    /// Open the engine for a command that changes state (creates the data directory
+    /// and the state database if needed).
     pub fn engine(&self) -> anyhow::Result<Engine> {
+        self.open(false)
+    }
+
+    /// Open the engine for a command that only reads: it creates nothing.
+    pub fn engine_read_only(&self) -> anyhow::Result<Engine> {
+        self.open(true)
+    }
+
+    fn open(&self, read_only: bool) -> anyhow::Result<Engine> {
         Ok(Engine::open(&EngineOptions {
             data_dir: self.data_dir.clone(),
             key_file: self.key_file.clone(),
             store_url: self.store.clone(),
             local_offset: LOCAL_OFFSET.get().copied(),
+            read_only,
         })?)
     }
 }
 
 static LOCAL_OFFSET: std::sync::OnceLock<time::UtcOffset> = std::sync::OnceLock::new();
+
+/// Print `v` as the command's one JSON document on stdout: pretty-printed, the same
+/// for every `--json` (docs/json.md describes each shape).
+pub fn print_json<T: serde::Serialize + ?Sized>(v: &T) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(v)?;
+    outln!("{text}");
+    Ok(())
+}
+
+/// Whether `e` is a write to a closed pipe (the reader went away, as `head` does).
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
 
 #[derive(Subcommand)]
 enum Command {
@@ -111,7 +183,7 @@ fn main() -> ExitCode {
         let _ = LOCAL_OFFSET.set(off);
     }
     let cli = Cli::parse();
-    let g = cli.global;
+    let g = GlobalArgs { data_dir: cli.data.data_dir, key_file: cli.key.key_file, store: cli.store.store };
     let (result, error_code) = match cli.command {
         Command::Disk(cmd) => {
             let code = cmd.error_exit_code();
@@ -127,8 +199,16 @@ fn main() -> ExitCode {
         Command::Store(cmd) => (store_cmd::store(&g, cmd), 1),
         Command::Demo(a) => (demo_cmd::run(&g, a), 1),
     };
+    let result = result.and_then(|code| {
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        Ok(code)
+    });
     match result {
         Ok(code) => code,
+        // The reader of our output has gone: nothing left to say, and nobody to say it
+        // to. Ends quietly and successfully, as ripgrep does.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tern: error: {e:#}");
             ExitCode::from(error_code)

@@ -11,7 +11,7 @@ use indicatif::{MultiProgress, ProgressBar};
 use tern_engine::{MigrateEvent, MigrateFormat, MigrateOptions, PointSelector};
 
 use crate::progress::bytes_bar;
-use crate::GlobalArgs;
+use crate::{print_json, DataDirArg, GlobalArgs, KeyFileArg, StoreArg};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum FormatArg {
@@ -64,6 +64,12 @@ pub struct MigrateArgs {
     /// Print the result as JSON on stdout (no progress bars).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    data: DataDirArg,
+    #[command(flatten)]
+    key: KeyFileArg,
+    #[command(flatten)]
+    store: StoreArg,
 }
 
 /// Every chunk is verified; on any error no image is left and the exit status is 1.
@@ -82,7 +88,7 @@ pub fn run(g: &GlobalArgs, a: MigrateArgs) -> Result<ExitCode> {
         FormatArg::Vhdx => MigrateFormat::Vhdx,
         FormatArg::Azure => MigrateFormat::Azure,
     };
-    let engine = g.engine()?;
+    let engine = g.with(&a.data, Some(&a.key), Some(&a.store)).engine_read_only()?;
     let multi = MultiProgress::new();
     let bars: Mutex<HashMap<u32, ProgressBar>> = Mutex::new(HashMap::new());
     let observer = |ev: MigrateEvent| {
@@ -115,40 +121,16 @@ pub fn run(g: &GlobalArgs, a: MigrateArgs) -> Result<ExitCode> {
         b.finish();
     }
     if a.json {
-        let disks: Vec<_> = r
-            .disks
-            .iter()
-            .map(|d| {
-                serde_json::json!({
-                    "disk": d.disk,
-                    "path": d.path,
-                    "virtual_size": d.virtual_size,
-                    "output_size": d.output_size,
-                    "sha256": d.sha256,
-                    "verified": d.verified,
-                })
-            })
-            .collect();
-        let v = serde_json::json!({
-            "vm": r.vm,
-            "point_id": r.point_id,
-            "instant": r.instant,
-            "test": a.test,
-            "format": format.name(),
-            "disks": disks,
-            "libvirt_xml": r.libvirt_xml,
-            "arm_template": r.arm_template,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_json(&r)?;
         return Ok(ExitCode::SUCCESS);
     }
     let kind = if a.test { "test migration" } else { "migration" };
-    println!("{kind} of VM {} at point {} ({})", r.vm, r.point_id, r.instant);
+    outln!("{kind} of VM {} at point {} ({}) from {}", r.vm, r.point_id, r.instant, r.store_url);
     for d in &r.disks {
         let checked = if d.verified { " (read back and verified)" } else { "" };
-        println!("disk {}: {}  sha256 {}{checked}", d.disk, d.path.display(), d.sha256);
+        outln!("disk {}: {}  sha256 {}{checked}", d.disk, d.path.display(), d.sha256);
     }
-    println!("libvirt domain: {}", r.libvirt_xml.display());
-    println!("Azure template: {}", r.arm_template.display());
+    outln!("libvirt domain: {}", r.libvirt_xml.display());
+    outln!("Azure template: {}", r.arm_template.display());
     Ok(ExitCode::SUCCESS)
 }

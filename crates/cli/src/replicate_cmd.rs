@@ -7,11 +7,12 @@ use std::sync::Mutex;
 use anyhow::Result;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar};
+use serde::Serialize;
 use tern_engine::{ReplicateEvent, ReplicateOptions};
 use tern_types::ByteSize;
 
 use crate::progress::bytes_bar;
-use crate::GlobalArgs;
+use crate::{print_json, DataDirArg, GlobalArgs, KeyFileArg, StoreArg};
 
 #[derive(Args)]
 pub struct ReplicateArgs {
@@ -32,13 +33,19 @@ pub struct ReplicateArgs {
     /// Print the result as JSON on stdout (no progress bars; warnings stay on stderr).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    data: DataDirArg,
+    #[command(flatten)]
+    key: KeyFileArg,
+    #[command(flatten)]
+    store: StoreArg,
 }
 
 /// Replicate: disks one after another, a progress bar per disk, a summary at the end.
 /// Interrupted runs resume where they stopped when run again.
 pub fn replicate(g: &GlobalArgs, a: ReplicateArgs) -> Result<ExitCode> {
     let threads = tern_engine::check_threads(a.threads)?;
-    let engine = g.engine()?;
+    let engine = g.with(&a.data, Some(&a.key), Some(&a.store)).engine()?;
     let throttle = engine.throttle();
     let multi = MultiProgress::new();
     let bars: Mutex<HashMap<u32, ProgressBar>> = Mutex::new(HashMap::new());
@@ -75,37 +82,11 @@ pub fn replicate(g: &GlobalArgs, a: ReplicateArgs) -> Result<ExitCode> {
     let opts = ReplicateOptions { threads, force: a.force, ..Default::default() };
     let r = tern_engine::replicate(&engine, &a.name, &opts, &throttle, &observer)?;
     if a.json {
-        let disks: Vec<_> = r
-            .disks
-            .iter()
-            .map(|d| {
-                serde_json::json!({
-                    "disk": d.disk,
-                    "virtual_size": d.virtual_size,
-                    "chunks": d.chunks,
-                    "resumed_chunks": d.resumed_chunks,
-                    "zero_chunks": d.zero_chunks,
-                    "dedup_chunks": d.dedup_chunks,
-                    "uploaded_chunks": d.uploaded_chunks,
-                    "uploaded_bytes": d.uploaded_bytes,
-                    "read_bytes": d.read_bytes,
-                    "snapshot": d.snapshot.name(),
-                    "sha256": d.sha256,
-                })
-            })
-            .collect();
-        let v = serde_json::json!({
-            "vm": r.vm,
-            "point_id": r.point_id,
-            "resumed": r.resumed,
-            "store": engine.store_url(),
-            "disks": disks,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_json(&r)?;
         return Ok(ExitCode::SUCCESS);
     }
     for d in &r.disks {
-        println!(
+        outln!(
             "disk {}: {} in {} chunks: {} uploaded ({}), {} already in the store, {} zero{}",
             d.disk,
             ByteSize(d.virtual_size),
@@ -121,7 +102,7 @@ pub fn replicate(g: &GlobalArgs, a: ReplicateArgs) -> Result<ExitCode> {
             }
         );
     }
-    println!("VM {}: recovery point {} committed to {}", r.vm, r.point_id, engine.store_url());
+    outln!("VM {}: recovery point {} committed to {}", r.vm, r.point_id, r.store_url);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -132,6 +113,8 @@ pub struct StatusArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    data: DataDirArg,
 }
 
 fn parse_time(s: &str) -> Option<time::OffsetDateTime> {
@@ -149,10 +132,45 @@ fn fmt_duration(secs: f64) -> String {
     }
 }
 
+/// One VM in `tern status` (docs/json.md).
+#[derive(Serialize)]
+struct VmStatus {
+    vm: String,
+    /// `replicating`, `interrupted`, `protected` or `not replicated`.
+    state: &'static str,
+    /// The store the VM replicates to.
+    store: String,
+    #[serde(flatten)]
+    replication: Option<ReplicationStatus>,
+}
+
+/// The latest replication of a VM.
+#[derive(Serialize)]
+struct ReplicationStatus {
+    point: String,
+    store: String,
+    instant: String,
+    bytes_done: u64,
+    bytes_total: u64,
+    rate_bytes_per_sec: Option<u64>,
+    eta_seconds: Option<u64>,
+    disks: Vec<DiskStatus>,
+}
+
+#[derive(Serialize)]
+struct DiskStatus {
+    disk: u32,
+    source: std::path::PathBuf,
+    state: String,
+    bytes_done: u64,
+    bytes_total: u64,
+    bytes_uploaded: u64,
+}
+
 /// State per VM and disk from the state database (a running replication in another
-/// process updates it at least every second).
+/// process updates it about every second).
 pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
-    let engine = g.engine()?;
+    let engine = g.with(&a.data, None, None).engine_read_only()?;
     let vms = match &a.name {
         Some(n) => vec![engine.vm(n)?],
         None => engine.db().vm_list()?,
@@ -160,9 +178,9 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
     let now = time::OffsetDateTime::now_utc();
     let mut out = Vec::new();
     for vm in vms {
-        let repl = engine.db().last_replication(&vm.id)?;
-        let Some(r) = repl else {
-            out.push(serde_json::json!({ "vm": vm.name, "state": "not replicated", "disks": [] }));
+        let store = engine.vm_store_url(&vm).to_string();
+        let Some(r) = engine.db().last_replication(&vm.id)? else {
+            out.push(VmStatus { vm: vm.name, state: "not replicated", store, replication: None });
             continue;
         };
         let disks = engine.db().replication_disks(&vm.id, &r.point_id)?;
@@ -177,76 +195,84 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
         // The rate over the last minute; the average since the run started until the
         // first minute's samples exist.
         let rate = match (alive, r.recent_rate, elapsed) {
-            (true, Some(recent), _) => Some(recent as f64),
-            (true, None, Some(e)) if e >= 1.0 => Some(done.saturating_sub(r.run_base_bytes) as f64 / e),
+            (true, Some(recent), _) => Some(recent),
+            (true, None, Some(e)) if e >= 1.0 => {
+                Some((done.saturating_sub(r.run_base_bytes) as f64 / e) as u64)
+            }
             _ => None,
         };
-        let eta = rate.filter(|&r| r > 0.0).map(|rate| total.saturating_sub(done) as f64 / rate);
+        let eta = rate.filter(|&r| r > 0).map(|rate| total.saturating_sub(done).div_ceil(rate));
         let state = match (running, alive) {
             (true, true) => "replicating",
             (true, false) => "interrupted",
             (false, _) => "protected",
         };
-        out.push(serde_json::json!({
-            "vm": vm.name,
-            "state": state,
-            "point": r.point_id,
-            "store": r.store_url,
-            "instant": r.instant,
-            "bytes_done": done,
-            "bytes_total": total,
-            "rate_bytes_per_sec": rate,
-            "eta_seconds": eta,
-            "disks": disks.iter().map(|d| serde_json::json!({
-                "disk": d.disk,
-                "source": d.source_path,
-                "state": d.state,
-                "bytes_done": d.bytes_done,
-                "bytes_total": d.virtual_size,
-                "bytes_uploaded": d.bytes_uploaded,
-            })).collect::<Vec<_>>(),
-        }));
+        out.push(VmStatus {
+            vm: vm.name,
+            state,
+            store,
+            replication: Some(ReplicationStatus {
+                point: r.point_id,
+                store: r.store_url,
+                instant: r.instant,
+                bytes_done: done,
+                bytes_total: total,
+                rate_bytes_per_sec: rate,
+                eta_seconds: eta,
+                disks: disks
+                    .into_iter()
+                    .map(|d| DiskStatus {
+                        disk: d.disk,
+                        source: d.source_path,
+                        state: d.state,
+                        bytes_done: d.bytes_done,
+                        bytes_total: d.virtual_size,
+                        bytes_uploaded: d.bytes_uploaded,
+                    })
+                    .collect(),
+            }),
+        });
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        print_json(&out)?;
         return Ok(ExitCode::SUCCESS);
     }
     if out.is_empty() {
-        println!("no VMs (add one with `tern vm add NAME --disk PATH`)");
+        outln!("no VMs (add one with `tern vm add NAME --disk PATH`)");
     }
     for v in &out {
-        let name = v["vm"].as_str().unwrap_or("");
-        let state = v["state"].as_str().unwrap_or("");
-        if v["disks"].as_array().is_none_or(|d| d.is_empty()) {
-            println!("{name}: {state}");
+        let Some(r) = &v.replication else {
+            outln!("{}: {} (store {})", v.vm, v.state, v.store);
             continue;
-        }
-        let (done, total) = (v["bytes_done"].as_u64().unwrap_or(0), v["bytes_total"].as_u64().unwrap_or(0));
+        };
         let mut line = format!(
-            "{name}: {state}, point {}: {} / {}",
-            v["point"].as_str().unwrap_or(""),
-            ByteSize(done),
-            ByteSize(total)
+            "{}: {}, point {}: {} / {}",
+            v.vm,
+            v.state,
+            r.point,
+            ByteSize(r.bytes_done),
+            ByteSize(r.bytes_total)
         );
-        if let Some(rate) = v["rate_bytes_per_sec"].as_f64() {
-            line += &format!(", {}/s", ByteSize(rate as u64));
+        if let Some(rate) = r.rate_bytes_per_sec {
+            line += &format!(", {}", crate::progress::rate_text(rate as f64));
         }
-        if let Some(eta) = v["eta_seconds"].as_f64() {
-            line += &format!(", ETA {}", fmt_duration(eta));
+        if let Some(eta) = r.eta_seconds {
+            line += &format!(", ETA {}", fmt_duration(eta as f64));
         }
-        if state == "interrupted" {
-            line += &format!(" (run `tern replicate {name}` to resume)");
+        if v.state == "interrupted" {
+            line += &format!(" (run `tern replicate {}` to resume)", v.vm);
         }
-        println!("{line}");
-        for d in v["disks"].as_array().into_iter().flatten() {
-            println!(
+        outln!("{line}");
+        outln!("  store {}", r.store);
+        for d in &r.disks {
+            outln!(
                 "  disk {}: {} {} / {} ({} uploaded)  {}",
-                d["disk"],
-                d["state"].as_str().unwrap_or(""),
-                ByteSize(d["bytes_done"].as_u64().unwrap_or(0)),
-                ByteSize(d["bytes_total"].as_u64().unwrap_or(0)),
-                ByteSize(d["bytes_uploaded"].as_u64().unwrap_or(0)),
-                d["source"].as_str().unwrap_or("")
+                d.disk,
+                d.state,
+                ByteSize(d.bytes_done),
+                ByteSize(d.bytes_total),
+                ByteSize(d.bytes_uploaded),
+                d.source.display()
             );
         }
     }
@@ -261,13 +287,19 @@ pub struct PointsArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    data: DataDirArg,
+    #[command(flatten)]
+    key: KeyFileArg,
+    #[command(flatten)]
+    store: StoreArg,
 }
 
 /// List recovery points from the store (the truth), oldest first.
 pub fn points(g: &GlobalArgs, a: PointsArgs) -> Result<ExitCode> {
-    let engine = g.engine()?;
+    let engine = g.with(&a.data, Some(&a.key), Some(&a.store)).engine_read_only()?;
     let key = engine.load_key()?;
-    let store = engine.open_store()?;
+    let store = engine.open_store_at(&engine.store_url_for(&a.name)?, false)?;
     let rt = engine.runtime()?;
     let points = rt.block_on(async {
         engine.check_store(&store, &key, false).await?;
@@ -275,16 +307,16 @@ pub fn points(g: &GlobalArgs, a: PointsArgs) -> Result<ExitCode> {
         tern_engine::list_points(&engine, &store, &key, &id).await
     })?;
     if a.json {
-        let v: Vec<_> = points.iter().map(|p| serde_json::to_value(&p.manifest)).collect::<Result<_, _>>()?;
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        let manifests: Vec<_> = points.iter().map(|p| &p.manifest).collect();
+        print_json(&manifests)?;
         return Ok(ExitCode::SUCCESS);
     }
     if points.is_empty() {
-        println!("VM {} has no recovery points", a.name);
+        outln!("VM {} has no recovery points in {}", a.name, store.url());
     }
     for p in &points {
         let m = &p.manifest;
-        println!("{}  {}", m.point_id, m.instant);
+        outln!("{}  {}", m.point_id, m.instant);
         for d in &m.disks {
             // The content digest when the point has one (compare with `sha256sum` of
             // the source as of the point), else the index digest.
@@ -292,7 +324,7 @@ pub fn points(g: &GlobalArgs, a: PointsArgs) -> Result<ExitCode> {
                 Some(sha) => format!("sha256 {sha}"),
                 None => format!("index digest {}", &d.index_digest[..16.min(d.index_digest.len())]),
             };
-            println!(
+            outln!(
                 "  disk {}: {} ({}), {} of {} chunks stored, {digest}",
                 d.index,
                 ByteSize(d.virtual_size),

@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Subcommand;
 use tern_engine::VerifyOptions;
 
-use crate::GlobalArgs;
+use crate::{print_json, DataDirArg, GlobalArgs, KeyFileArg, StoreArg};
 
 #[derive(Subcommand)]
 pub enum KeyCommand {
@@ -17,6 +17,10 @@ pub enum KeyCommand {
         /// Write to this new file (mode 0600) instead of standard output.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataDirArg,
+        #[command(flatten)]
+        key: KeyFileArg,
     },
 }
 
@@ -24,6 +28,7 @@ pub enum KeyCommand {
 pub enum StoreCommand {
     /// Check that every object every recovery point references is in the store:
     /// manifests, indexes, chunks. Each problem names the VM, point, disk and chunk.
+    /// Without --store: every store this host's VMs replicate to, and the default store.
     /// Exit status 1 if anything is missing or corrupt.
     Verify {
         /// Also fetch every chunk and check it: decryption, authentication, address,
@@ -33,66 +38,88 @@ pub enum StoreCommand {
         /// Chunks fetched and checked at once with --read-data, 1 to 32.
         #[arg(long, default_value_t = tern_engine::DEFAULT_THREADS)]
         threads: usize,
-        /// Print JSON instead of text.
+        /// Print JSON instead of text: an array with one report per store.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        data: DataDirArg,
+        #[command(flatten)]
+        key: KeyFileArg,
+        #[command(flatten)]
+        store: StoreArg,
     },
 }
 
 pub fn key(g: &GlobalArgs, cmd: KeyCommand) -> Result<ExitCode> {
-    let engine = g.engine()?;
     match cmd {
-        KeyCommand::Export { out } => {
+        KeyCommand::Export { out, data, key } => {
+            let engine = g.with(&data, Some(&key), None).engine_read_only()?;
             let key = engine.load_key()?;
             match out {
                 Some(p) => {
                     key.save_new(&p)?;
                     eprintln!("key {} written to {}", key.id(), p.display());
                 }
-                None => print!("{}", key.to_file_text()),
+                None => {
+                    use std::io::Write as _;
+                    write!(std::io::stdout().lock(), "{}", key.to_file_text())?;
+                }
             }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// The stores `tern store verify` checks without `--store`: those this host's VMs
+/// replicate to, and the default store if it exists.
+fn stores_to_verify(engine: &tern_engine::Engine) -> Result<Vec<String>> {
+    if let Some(u) = engine.explicit_store() {
+        return Ok(vec![u.to_string()]);
+    }
+    let mut urls: Vec<String> = engine.db().vm_list()?.into_iter().filter_map(|v| v.store_url).collect();
+    let default = engine.store_url().to_string();
+    if default.strip_prefix("file://").is_some_and(|p| std::path::Path::new(p).is_dir()) {
+        urls.push(default.clone());
+    }
+    urls.sort();
+    urls.dedup();
+    if urls.is_empty() {
+        anyhow::bail!("nothing to verify: no VM of this host has replicated, and there is no store at {default}; name one with --store URL");
+    }
+    Ok(urls)
+}
+
 pub fn store(g: &GlobalArgs, cmd: StoreCommand) -> Result<ExitCode> {
-    let engine = g.engine()?;
     match cmd {
-        StoreCommand::Verify { read_data, threads, json } => {
-            let r = tern_engine::verify(&engine, &VerifyOptions { read_data, threads })?;
-            if json {
-                let problems: Vec<_> = r
-                    .problems
-                    .iter()
-                    .map(|p| {
-                        serde_json::json!({
-                            "vm": p.vm, "point": p.point, "disk": p.disk, "chunk": p.chunk, "message": p.message,
-                        })
-                    })
-                    .collect();
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "vms": r.vms, "points": r.points, "chunk_refs": r.chunk_refs,
-                        "distinct_chunks": r.distinct_chunks, "problems": problems,
-                    })
-                );
-            } else {
-                for p in &r.problems {
-                    println!("problem: {p}");
-                }
-                println!(
-                    "{} VM(s), {} point(s), {} chunk reference(s) to {} distinct chunk(s){}: {} problem(s)",
-                    r.vms,
-                    r.points,
-                    r.chunk_refs,
-                    r.distinct_chunks,
-                    if read_data { " read and verified" } else { " checked for presence" },
-                    r.problems.len()
-                );
+        StoreCommand::Verify { read_data, threads, json, data, key, store } => {
+            let engine = g.with(&data, Some(&key), Some(&store)).engine_read_only()?;
+            let threads = tern_engine::check_threads(threads)?;
+            let mut reports = Vec::new();
+            for url in stores_to_verify(&engine)? {
+                let opts = VerifyOptions { read_data, threads, store_url: Some(url) };
+                reports.push(tern_engine::verify(&engine, &opts)?);
             }
-            Ok(if r.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            if json {
+                print_json(&reports)?;
+            } else {
+                for r in &reports {
+                    for p in &r.problems {
+                        outln!("problem: {p}");
+                    }
+                    outln!(
+                        "store {}: {} VM(s), {} point(s), {} chunk reference(s) to {} distinct chunk(s){}: {} problem(s)",
+                        r.store_url,
+                        r.vms,
+                        r.points,
+                        r.chunk_refs,
+                        r.distinct_chunks,
+                        if read_data { " read and verified" } else { " checked for presence" },
+                        r.problems.len()
+                    );
+                }
+            }
+            let clean = reports.iter().all(|r| r.problems.is_empty());
+            Ok(if clean { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
 }

@@ -6,7 +6,18 @@ use anyhow::Result;
 use clap::Subcommand;
 use tern_engine::throttle::{parse_days, parse_hours, Limit};
 
-use crate::GlobalArgs;
+use crate::{print_json, DataDirArg, GlobalArgs};
+
+/// `tern throttle show --json` (docs/json.md).
+#[derive(serde::Serialize)]
+struct ThrottleReport {
+    work_limit: String,
+    off_limit: String,
+    work_days: String,
+    work_hours: String,
+    /// The limit in force at this moment.
+    now: String,
+}
 
 #[derive(Subcommand)]
 pub enum ThrottleCommand {
@@ -35,19 +46,23 @@ pub enum ThrottleCommand {
         /// Work hours, local time of this host: HH:MM-HH:MM (may cross midnight).
         #[arg(long, value_name = "HH:MM-HH:MM")]
         work_hours: Option<String>,
+        #[command(flatten)]
+        data: DataDirArg,
     },
     /// Show the schedule and the limit in force now.
     Show {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        data: DataDirArg,
     },
 }
 
 pub fn run(g: &GlobalArgs, cmd: ThrottleCommand) -> Result<ExitCode> {
-    let engine = g.engine()?;
     match cmd {
-        ThrottleCommand::Set { work_limit, off_limit, limit, work_days, work_hours } => {
+        ThrottleCommand::Set { work_limit, off_limit, limit, work_days, work_hours, data } => {
+            let engine = g.with(&data, None, None).engine()?;
             let mut s = engine.schedule()?;
             if let Some(l) = limit {
                 let l = Limit::parse(&l)?;
@@ -67,7 +82,7 @@ pub fn run(g: &GlobalArgs, cmd: ThrottleCommand) -> Result<ExitCode> {
                 (s.work_start_min, s.work_end_min) = parse_hours(&h)?;
             }
             engine.set_schedule(&s)?;
-            println!(
+            outln!(
                 "work hours {} on {}: {}; other times: {}",
                 s.hours_text(),
                 s.days_text(),
@@ -75,25 +90,23 @@ pub fn run(g: &GlobalArgs, cmd: ThrottleCommand) -> Result<ExitCode> {
                 s.off_limit
             );
         }
-        ThrottleCommand::Show { json } => {
+        ThrottleCommand::Show { json, data } => {
+            let engine = g.with(&data, None, None).engine_read_only()?;
             let s = engine.schedule()?;
             let now = engine.throttle().current_limit();
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "work_limit": s.work_limit.to_string(),
-                        "off_limit": s.off_limit.to_string(),
-                        "work_days": s.days_text(),
-                        "work_hours": s.hours_text(),
-                        "now": now.to_string(),
-                    })
-                );
+                print_json(&ThrottleReport {
+                    work_limit: s.work_limit.to_string(),
+                    off_limit: s.off_limit.to_string(),
+                    work_days: s.days_text(),
+                    work_hours: s.hours_text(),
+                    now: now.to_string(),
+                })?;
             } else {
-                println!("work hours: {} on {}", s.hours_text(), s.days_text());
-                println!("work limit: {}", s.work_limit);
-                println!("off limit:  {}", s.off_limit);
-                println!("in force now: {now}");
+                outln!("work hours: {} on {}", s.hours_text(), s.days_text());
+                outln!("work limit: {}", s.work_limit);
+                outln!("off limit:  {}", s.off_limit);
+                outln!("in force now: {now}");
             }
         }
     }

@@ -3,17 +3,21 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Subcommand, ValueEnum};
-use tern_engine::{Firmware, VmDef};
+use tern_engine::{Firmware, VmDef, VmDisk};
 use tern_types::ByteSize;
 
-use crate::GlobalArgs;
+use crate::{print_json, DataDirArg, GlobalArgs, StoreArg};
 
 #[derive(Subcommand)]
 pub enum VmCommand {
     /// Register a VM: a name, its disk images in boot order, and the hardware facts
     /// needed to recreate it at migration.
+    ///
+    /// Each image's format is detected from its content; a name that says .qcow2,
+    /// .vhd or .vhdx on a file that is not one is refused (give --format raw if it is a
+    /// raw disk after all). An image can belong to one VM only.
     Add {
         /// The VM's name (letters, digits, '-', '_', '.'); names the migrated files.
         name: String,
@@ -21,21 +25,44 @@ pub enum VmCommand {
         /// disk; the first one boots.
         #[arg(long = "disk", value_name = "PATH", required = true)]
         disks: Vec<PathBuf>,
-        /// Virtual CPUs.
+        /// The disks' format instead of detecting it: once for every disk, or once per
+        /// --disk, in the same order.
+        #[arg(long = "format", value_enum, value_name = "FORMAT")]
+        formats: Vec<DiskFormatArg>,
+        /// Virtual CPUs, 1 to 1024.
         #[arg(long, default_value_t = 2)]
         cpus: u32,
-        /// Memory (binary units: 4G = 4 GiB).
+        /// Memory, 1M to 64T (binary units: 4G = 4 GiB).
         #[arg(long, default_value = "2G", value_name = "SIZE")]
         memory: ByteSize,
         /// Firmware the guest boots with (uefi = Azure generation 2).
         #[arg(long, value_enum, default_value_t = FirmwareArg::Bios)]
         firmware: FirmwareArg,
+        #[command(flatten)]
+        data: DataDirArg,
+        #[command(flatten)]
+        store: StoreArg,
     },
-    /// List registered VMs.
+    /// List registered VMs, each with its disks and the store it replicates to.
     List {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+    /// Move a VM to another store: its next replication goes there (a full one: the new
+    /// store has none of its data), and `points` / `migrate` read from there. Its points
+    /// in the old store stay there; migrate them with `--store OLD`. Refused while a
+    /// replication of it runs.
+    SetStore {
+        /// The VM's name.
+        name: String,
+        /// The new store: file:///abs/path (or a plain path), az://container/prefix,
+        /// s3://bucket/prefix.
+        url: String,
+        #[command(flatten)]
+        data: DataDirArg,
     },
     /// Forget a VM and its local replication progress, and delete the snapshots (reflink
     /// copies) an unfinished replication of it holds; its images are never touched.
@@ -44,6 +71,8 @@ pub enum VmCommand {
     Remove {
         /// The VM's name.
         name: String,
+        #[command(flatten)]
+        data: DataDirArg,
     },
 }
 
@@ -53,27 +82,39 @@ pub enum FirmwareArg {
     Uefi,
 }
 
-fn vm_json(v: &VmDef) -> serde_json::Value {
-    serde_json::json!({
-        "name": v.name, "id": v.id, "cpus": v.cpus, "memory_bytes": v.memory_bytes,
-        "firmware": v.firmware.name(), "disks": v.disks,
-    })
+/// A source disk's format.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DiskFormatArg {
+    Raw,
+    Qcow2,
+    Vhd,
+    Vhdx,
+}
+
+impl DiskFormatArg {
+    fn format(self) -> tern_disk::Format {
+        match self {
+            DiskFormatArg::Raw => tern_disk::Format::Raw,
+            DiskFormatArg::Qcow2 => tern_disk::Format::Qcow2,
+            DiskFormatArg::Vhd => tern_disk::Format::Vhd,
+            DiskFormatArg::Vhdx => tern_disk::Format::Vhdx,
+        }
+    }
 }
 
 pub fn run(g: &GlobalArgs, cmd: VmCommand) -> Result<ExitCode> {
-    let engine = g.engine()?;
     match cmd {
-        VmCommand::Add { name, disks, cpus, memory, firmware } => {
-            let mut paths = Vec::new();
-            for d in disks {
-                let p = std::fs::canonicalize(&d).with_context(|| format!("disk {}", d.display()))?;
-                let o = tern_disk::OpenOptions { allow_backing: true, ..Default::default() };
-                let disk = tern_disk::open_disk(&p, &o).with_context(|| format!("disk {}", p.display()))?;
-                if disk.virtual_size() == 0 {
-                    bail!("disk {} is empty (0 bytes)", p.display());
-                }
-                paths.push(p);
-            }
+        VmCommand::Add { name, disks, formats, cpus, memory, firmware, data, store } => {
+            let engine = g.with(&data, None, Some(&store)).engine()?;
+            let formats: Vec<Option<tern_disk::Format>> = match formats.len() {
+                0 => vec![None; disks.len()],
+                1 => vec![Some(formats[0].format()); disks.len()],
+                n if n == disks.len() => formats.iter().map(|f| Some(f.format())).collect(),
+                n => bail!(
+                    "{n} --format values for {} --disk images: give one for all, or one per disk",
+                    disks.len()
+                ),
+            };
             let vm = VmDef {
                 id: tern_engine::new_vm_id()?,
                 name,
@@ -83,36 +124,59 @@ pub fn run(g: &GlobalArgs, cmd: VmCommand) -> Result<ExitCode> {
                     FirmwareArg::Bios => Firmware::Bios,
                     FirmwareArg::Uefi => Firmware::Uefi,
                 },
-                disks: paths,
-            }
-            .validate()?;
-            engine.db().vm_add(&vm)?;
-            println!("added VM {} ({} disk(s), id {})", vm.name, vm.disks.len(), vm.id);
+                disks: disks.into_iter().zip(formats).map(|(path, format)| VmDisk { path, format }).collect(),
+                store_url: None,
+            };
+            let vm = tern_engine::register_vm(&engine, vm)?;
+            outln!(
+                "added VM {} ({} disk(s), id {}), replicating to {}",
+                vm.name,
+                vm.disks.len(),
+                vm.id,
+                engine.vm_store_url(&vm)
+            );
         }
-        VmCommand::List { json } => {
-            let vms = engine.db().vm_list()?;
+        VmCommand::List { json, data } => {
+            let engine = g.with(&data, None, None).engine_read_only()?;
+            let mut vms = engine.db().vm_list()?;
+            for v in &mut vms {
+                // Show the store each VM uses, fixed or not yet.
+                v.store_url = Some(engine.vm_store_url(v).to_string());
+            }
             if json {
-                println!("{}", serde_json::Value::Array(vms.iter().map(vm_json).collect()));
+                print_json(&vms)?;
             } else if vms.is_empty() {
-                println!("no VMs (add one with `tern vm add NAME --disk PATH`)");
+                outln!("no VMs (add one with `tern vm add NAME --disk PATH`)");
             } else {
                 for v in vms {
-                    println!(
-                        "{}  {} vCPU  {}  {}",
+                    outln!(
+                        "{}  {} vCPU  {}  {}  store {}",
                         v.name,
                         v.cpus,
                         ByteSize(v.memory_bytes),
-                        v.firmware.name()
+                        v.firmware.name(),
+                        v.store_url.as_deref().unwrap_or("")
                     );
                     for (i, d) in v.disks.iter().enumerate() {
-                        println!("  disk {i}: {}", d.display());
+                        let format = d.format.map(|f| format!(" (as {f})")).unwrap_or_default();
+                        outln!("  disk {i}: {}{format}", d.path.display());
                     }
                 }
             }
         }
-        VmCommand::Remove { name } => {
+        VmCommand::SetStore { name, url, data } => {
+            let engine = g.with(&data, None, None).engine()?;
+            let (vm, old) = tern_engine::set_vm_store(&engine, &name, &url)?;
+            outln!(
+                "VM {} now replicates to {} (was {old}; its points there stay and can be migrated with --store)",
+                vm.name,
+                vm.store_url.as_deref().unwrap_or("")
+            );
+        }
+        VmCommand::Remove { name, data } => {
+            let engine = g.with(&data, None, None).engine()?;
             let vm = tern_engine::remove_vm(&engine, &name)?;
-            println!("removed VM {} (its points in the store are kept)", vm.name);
+            outln!("removed VM {} (its points in the store are kept)", vm.name);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -71,6 +71,8 @@ fn flags_are_validated_with_one_clear_line() {
     let e = fails(tern(&data).args(["replicate", "nosuchvm"]));
     assert!(e.contains("no VM named"), "{e}");
     let e = fails(tern(&data).args(["vm", "add", "bad/name", "--disk", "/nonexistent"]));
+    assert!(e.contains("\"bad/name\" is invalid"), "{e}");
+    let e = fails(tern(&data).args(["vm", "add", "good", "--disk", "/nonexistent"]));
     assert!(e.contains("/nonexistent"), "{e}");
 }
 
@@ -135,7 +137,9 @@ fn replicate_then_migrate_elsewhere_with_only_store_and_key() {
         (j["format"].as_str(), j["disks"][0]["sha256"].as_str()),
         (Some("azure"), Some(&*sha256(&img)))
     );
-    assert_eq!(j["disks"][0]["output_size"], 24u64 << 20);
+    assert_eq!(j["disks"][0]["output_virtual_size"], 24u64 << 20);
+    // A fixed VHD is its data and a 512-byte footer.
+    assert_eq!(j["disks"][0]["file_size"], (24u64 << 20) + 512);
     assert!(std::path::Path::new(j["libvirt_xml"].as_str().unwrap()).exists());
     let xml = std::fs::read_to_string(outdir.join("web.xml")).unwrap();
     assert!(xml.contains("<vcpu>4</vcpu>") && xml.contains("<memory unit='KiB'>8388608</memory>"), "{xml}");

@@ -46,12 +46,12 @@ pub async fn find_vm(engine: &Engine, store: &Store, key: &Key, name: &str) -> R
     match found.len() {
         0 => Err(Error::new(
             ErrorKind::NotFound,
-            format!("store {} has no recovery point of a VM named {name:?}", engine.store_url()),
+            format!("store {} has no recovery point of a VM named {name:?}", store.url()),
         )),
         1 => Ok(found.remove(0)),
         _ => Err(Error::invalid(format!(
             "store {} has several VMs named {name:?} (ids {}): give the id instead of the name",
-            engine.store_url(),
+            store.url(),
             found.join(", ")
         ))),
     }
@@ -74,7 +74,7 @@ pub async fn list_points(engine: &Engine, store: &Store, key: &Key, vm_id: &str)
         engine.db().cache_point(&PointRow {
             vm_id: vm_id.to_string(),
             point_id: p.clone(),
-            store_url: engine.store_url().to_string(),
+            store_url: store.url().to_string(),
             instant: manifest.instant.clone(),
             manifest: json,
         })?;

@@ -10,12 +10,12 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::vm::{Firmware, VmDef};
+use crate::vm::{Firmware, VmDef, VmDisk};
 use crate::{Error, ErrorKind, Result};
 
 /// Schema version this build writes. NEVER reuse a number: each version's DDL is kept
 /// in [`MIGRATIONS`] so that any older database can be upgraded.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const MIGRATIONS: &[&str] = &[
     // Version 1.
@@ -86,7 +86,21 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE replications ADD COLUMN recent_rate INTEGER;
     "#,
+    // Version 3: the store each VM replicates to (NULL: not fixed yet, the default
+    // store), taken from its latest replication; a disk's format when the user gave one.
+    r#"
+    ALTER TABLE vms ADD COLUMN store_url TEXT;
+    UPDATE vms SET store_url = (
+        SELECT r.store_url FROM replications r WHERE r.vm_id = vms.id
+        ORDER BY r.point_id DESC LIMIT 1
+    );
+    ALTER TABLE vm_disks ADD COLUMN format TEXT
+        CHECK (format IS NULL OR format IN ('raw', 'qcow2', 'vhd', 'vhdx'));
+    "#,
 ];
+
+/// id, name, cpus, memory_bytes, firmware, store_url.
+type VmRow = (String, String, i64, i64, String, Option<String>);
 
 /// The open state database. One connection behind a mutex: writers are few (one
 /// replication's progress writer, CLI commands) and SQLite serializes them anyway.
@@ -176,8 +190,23 @@ impl StateDb {
         let conn = Connection::open(path).map_err(ctx)?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(ctx)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(ctx)?;
-        conn.pragma_update(None, "foreign_keys", true).map_err(ctx)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(ctx)?;
+        Self::init(conn, path)
+    }
+
+    /// An empty database in memory with the current schema: what read-only commands
+    /// see on a data directory that has no database yet (they create no file).
+    pub fn open_in_memory() -> Result<StateDb> {
+        let path = Path::new(":memory:");
+        let conn = Connection::open_in_memory()
+            .map_err(|e| Error::new(ErrorKind::Io, format!("in-memory state database: {e}")))?;
+        Self::init(conn, path)
+    }
+
+    fn init(conn: Connection, path: &Path) -> Result<StateDb> {
+        let ctx =
+            |e: rusqlite::Error| Error::new(ErrorKind::Io, format!("state database {}: {e}", path.display()));
+        conn.pragma_update(None, "foreign_keys", true).map_err(ctx)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(ctx)?;
         if version > SCHEMA_VERSION {
             return Err(Error::new(
@@ -220,68 +249,89 @@ impl StateDb {
             return Err(Error::invalid(format!("a VM named {:?} already exists", vm.name)));
         }
         tx.execute(
-            "INSERT INTO vms (id, name, cpus, memory_bytes, firmware, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![vm.id, vm.name, vm.cpus, to_i64(vm.memory_bytes, "memory")?, vm.firmware.name(), crate::now_rfc3339()],
+            "INSERT INTO vms (id, name, cpus, memory_bytes, firmware, created, store_url) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                vm.id,
+                vm.name,
+                vm.cpus,
+                to_i64(vm.memory_bytes, "memory")?,
+                vm.firmware.name(),
+                crate::now_rfc3339(),
+                vm.store_url
+            ],
         )?;
-        for (i, p) in vm.disks.iter().enumerate() {
-            let path = p
+        for (i, d) in vm.disks.iter().enumerate() {
+            let path = d
+                .path
                 .to_str()
-                .ok_or_else(|| Error::invalid(format!("disk path {} is not UTF-8", p.display())))?;
+                .ok_or_else(|| Error::invalid(format!("disk path {} is not UTF-8", d.path.display())))?;
             tx.execute(
-                "INSERT INTO vm_disks (vm_id, disk, path) VALUES (?1, ?2, ?3)",
-                params![vm.id, i as i64, path],
+                "INSERT INTO vm_disks (vm_id, disk, path, format) VALUES (?1, ?2, ?3, ?4)",
+                params![vm.id, i as i64, path, d.format.map(|f| f.name())],
             )?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    fn vm_from_row(
-        c: &Connection,
-        id: String,
-        name: String,
-        cpus: i64,
-        mem: i64,
-        fw: String,
-    ) -> Result<VmDef> {
-        let mut st = c.prepare("SELECT path FROM vm_disks WHERE vm_id = ?1 ORDER BY disk")?;
-        let disks = st.query_map([&id], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+    fn vm_from_row(c: &Connection, row: VmRow) -> Result<VmDef> {
+        let (id, name, cpus, mem, fw, store_url) = row;
+        let mut st = c.prepare("SELECT path, format FROM vm_disks WHERE vm_id = ?1 ORDER BY disk")?;
+        let rows = st
+            .query_map([&id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let disks = rows
+            .into_iter()
+            .map(|(path, format)| {
+                let format = match format.as_deref() {
+                    None => None,
+                    Some(f) => Some(crate::vm::parse_format(f).map_err(|_| {
+                        Error::corrupt(format!("state database: disk {path} has unknown format {f:?}"))
+                    })?),
+                };
+                Ok(VmDisk { path: PathBuf::from(path), format })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(VmDef {
             id,
             name,
             cpus: u32::try_from(cpus).unwrap_or(1),
             memory_bytes: to_u64(mem),
             firmware: Firmware::parse(&fw)?,
-            disks: disks.into_iter().map(PathBuf::from).collect(),
+            disks,
+            store_url,
         })
+    }
+
+    const VM_COLS: &'static str = "id, name, cpus, memory_bytes, firmware, store_url";
+
+    fn vm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
     }
 
     /// The VM named `name`.
     pub fn vm_get(&self, name: &str) -> Result<Option<VmDef>> {
         let c = self.conn();
-        let row = c
-            .query_row(
-                "SELECT id, name, cpus, memory_bytes, firmware FROM vms WHERE name = ?1",
-                [name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
-            .optional()?;
-        match row {
+        let sql = format!("SELECT {} FROM vms WHERE name = ?1", Self::VM_COLS);
+        match c.query_row(&sql, [name], Self::vm_row).optional()? {
             None => Ok(None),
-            Some((id, name, cpus, mem, fw)) => Ok(Some(Self::vm_from_row(&c, id, name, cpus, mem, fw)?)),
+            Some(row) => Ok(Some(Self::vm_from_row(&c, row)?)),
         }
     }
 
     /// Every VM, by name.
     pub fn vm_list(&self) -> Result<Vec<VmDef>> {
         let c = self.conn();
-        let mut st = c.prepare("SELECT id, name, cpus, memory_bytes, firmware FROM vms ORDER BY name")?;
-        let rows = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
-            .collect::<Result<Vec<_>, _>>()?;
-        rows.into_iter()
-            .map(|(id, name, cpus, mem, fw)| Self::vm_from_row(&c, id, name, cpus, mem, fw))
-            .collect()
+        let sql = format!("SELECT {} FROM vms ORDER BY name", Self::VM_COLS);
+        let mut st = c.prepare(&sql)?;
+        let rows = st.query_map([], Self::vm_row)?.collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(|row| Self::vm_from_row(&c, row)).collect()
+    }
+
+    /// Fix the store VM `vm_id` replicates to.
+    pub fn vm_set_store(&self, vm_id: &str, store_url: &str) -> Result<()> {
+        self.conn().execute("UPDATE vms SET store_url = ?2 WHERE id = ?1", [vm_id, store_url])?;
+        Ok(())
     }
 
     /// Forget a VM and its local replication progress. Stored points stay in the store.
@@ -576,6 +626,7 @@ impl StateDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_disk::Format;
 
     fn vm(name: &str) -> VmDef {
         VmDef {
@@ -584,7 +635,11 @@ mod tests {
             cpus: 2,
             memory_bytes: 1 << 30,
             firmware: Firmware::Uefi,
-            disks: vec!["/a.img".into(), "/b.qcow2".into()],
+            disks: vec![
+                PathBuf::from("/a.img").into(),
+                VmDisk { path: "/b.qcow2".into(), format: Some(Format::Qcow2) },
+            ],
+            store_url: None,
         }
     }
 
@@ -612,17 +667,28 @@ mod tests {
             let c = Connection::open(&p).unwrap();
             c.execute_batch(MIGRATIONS[0]).unwrap();
             c.pragma_update(None, "user_version", 1).unwrap();
-            c.execute(
-                "INSERT INTO replications (vm_id, point_id, store_url, state, instant, chunk_size)                  VALUES ('v', 'p', 'file:///s', 'running', '2026-01-01T00:00:00Z', 4194304)",
-                [],
+            c.execute_batch(
+                "INSERT INTO vms (id, name, cpus, memory_bytes, firmware, created)
+                     VALUES ('v', 'web', 2, 1073741824, 'bios', '2026-01-01T00:00:00Z'),
+                            ('w', 'new', 2, 1073741824, 'bios', '2026-01-01T00:00:00Z');
+                 INSERT INTO vm_disks (vm_id, disk, path) VALUES ('v', 0, '/web.img'), ('w', 0, '/new.img');
+                 INSERT INTO replications (vm_id, point_id, store_url, state, instant, chunk_size)
+                     VALUES ('v', '20260101T000000Z-00000001', 'file:///old', 'done', '2026-01-01T00:00:00Z', 4194304),
+                            ('v', '20260102T000000Z-00000002', 'file:///s', 'running', '2026-01-02T00:00:00Z', 4194304);",
             )
             .unwrap();
         }
         let db = StateDb::open(&p).unwrap();
         let v: i64 = db.conn().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
-        assert_eq!(v, 2);
+        assert_eq!(v, SCHEMA_VERSION);
         let r = db.running_replication("v", "file:///s").unwrap().unwrap();
         assert_eq!(r.recent_rate, None);
+        // Version 3: a VM replicates to the store of its latest replication; one never
+        // replicated has none fixed yet. Disks keep detecting their format.
+        let web = db.vm_get("web").unwrap().unwrap();
+        assert_eq!(web.store_url.as_deref(), Some("file:///s"));
+        assert_eq!(web.disks, vec![VmDisk { path: "/web.img".into(), format: None }]);
+        assert_eq!(db.vm_get("new").unwrap().unwrap().store_url, None);
     }
 
     #[test]
@@ -633,6 +699,8 @@ mod tests {
         db.vm_add(&a).unwrap();
         assert!(db.vm_add(&vm("a")).unwrap_err().to_string().contains("already exists"));
         assert_eq!(db.vm_get("a").unwrap().unwrap(), a);
+        db.vm_set_store(&a.id, "file:///elsewhere").unwrap();
+        assert_eq!(db.vm_get("a").unwrap().unwrap().store_url.as_deref(), Some("file:///elsewhere"));
         db.vm_remove("a").unwrap();
         assert!(db.vm_get("a").unwrap().is_none());
         assert_eq!(db.vm_remove("a").unwrap_err().kind(), ErrorKind::NotFound);

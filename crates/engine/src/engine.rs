@@ -21,6 +21,10 @@ pub struct EngineOptions {
     /// The host's offset from UTC, for work hours. The caller determines it while the
     /// process is single-threaded (reading the local offset later is not sound).
     pub local_offset: Option<time::UtcOffset>,
+    /// A command that only reads (status, points, migrate, verify, listings): it creates
+    /// nothing, neither the data directory nor the state database (an empty in-memory
+    /// one stands in when there is none) nor a local store's folder.
+    pub read_only: bool,
 }
 
 /// An open context for one command.
@@ -28,7 +32,10 @@ pub struct EngineOptions {
 pub struct Engine {
     dir: DataDir,
     key_file: PathBuf,
-    store_url: String,
+    /// `--store`, normalized.
+    explicit_store: Option<String>,
+    /// The data directory's default store.
+    default_store: String,
     db: Arc<StateDb>,
     local_offset: time::UtcOffset,
 }
@@ -53,21 +60,23 @@ impl Engine {
     /// Resolve the data directory, create it, open the state database.
     pub fn open(opts: &EngineOptions) -> Result<Engine> {
         let dir = DataDir::resolve(opts.data_dir.as_deref())?;
-        dir.ensure()?;
-        let db = StateDb::open(&dir.db_path())?;
+        let db = if opts.read_only && !dir.db_path().exists() {
+            StateDb::open_in_memory()?
+        } else {
+            dir.ensure()?;
+            StateDb::open(&dir.db_path())?
+        };
         let key_file = opts
             .key_file
             .clone()
             .or_else(|| std::env::var_os("TERN_KEY_FILE").filter(|v| !v.is_empty()).map(PathBuf::from))
             .unwrap_or_else(|| dir.key_path());
-        let store_url = match &opts.store_url {
-            Some(u) => normalize_store_url(u)?,
-            None => dir.default_store_url(),
-        };
+        let explicit_store = opts.store_url.as_deref().map(normalize_store_url).transpose()?;
         Ok(Engine {
+            default_store: dir.default_store_url(),
             dir,
             key_file,
-            store_url,
+            explicit_store,
             db: Arc::new(db),
             local_offset: opts.local_offset.unwrap_or(time::UtcOffset::UTC),
         })
@@ -88,9 +97,48 @@ impl Engine {
         &self.key_file
     }
 
-    /// The store URL in use.
+    /// The store this command names: `--store`, else the data directory's default
+    /// store. Commands about one VM use [`Engine::store_url_for`] instead.
     pub fn store_url(&self) -> &str {
-        &self.store_url
+        self.explicit_store.as_deref().unwrap_or(&self.default_store)
+    }
+
+    /// `--store`, if given (normalized).
+    pub fn explicit_store(&self) -> Option<&str> {
+        self.explicit_store.as_deref()
+    }
+
+    /// The store VM `vm` replicates to (the default store until one is fixed).
+    pub fn vm_store_url<'a>(&'a self, vm: &'a VmDef) -> &'a str {
+        vm.store_url.as_deref().unwrap_or(&self.default_store)
+    }
+
+    /// The store to read VM `name` from: `--store` when given (a copy of a store, or
+    /// the store of another host's VM), else the store of the VM registered here under
+    /// that name, else the default store.
+    pub fn store_url_for(&self, name: &str) -> Result<String> {
+        if let Some(u) = &self.explicit_store {
+            return Ok(u.clone());
+        }
+        Ok(match self.db.vm_get(name)? {
+            Some(vm) => self.vm_store_url(&vm).to_string(),
+            None => self.default_store.clone(),
+        })
+    }
+
+    /// The store a replication of `vm` writes to: its own. A `--store` that names
+    /// another store than the one the VM replicates to is refused: moving a VM to a new
+    /// store is its own command (`tern vm set-store`), never a side effect of a flag.
+    pub fn replication_store_url(&self, vm: &VmDef) -> Result<String> {
+        match (&self.explicit_store, &vm.store_url) {
+            (Some(e), Some(own)) if e != own => Err(Error::invalid(format!(
+                "VM {} replicates to {own}, not {e}: to move it there, run `tern vm set-store {} {e}` \
+                 (its points in {own} stay there and can still be migrated)",
+                vm.name, vm.name
+            ))),
+            (Some(u), _) | (None, Some(u)) => Ok(u.clone()),
+            (None, None) => Ok(self.default_store.clone()),
+        }
     }
 
     /// Load the key; a missing file is an error (reading never invents a key).
@@ -113,14 +161,23 @@ impl Engine {
         Ok(Key::load_or_create(&self.key_file)?)
     }
 
-    /// Open the store (creating the folder of a `file://` store).
-    pub fn open_store(&self) -> Result<Store> {
-        if let Some(path) = self.store_url.strip_prefix("file://") {
-            std::fs::create_dir_all(path)
-                .map_err(|e| Error::io(format!("creating store folder {path}"), e))?;
+    /// Open the store at `url`. With `create`, the folder of a `file://` store is made
+    /// if missing (replication); without it, a missing folder is a `NotFound` error and
+    /// nothing is created.
+    pub fn open_store_at(&self, url: &str, create: bool) -> Result<Store> {
+        if let Some(path) = url.strip_prefix("file://") {
+            if create {
+                std::fs::create_dir_all(path)
+                    .map_err(|e| Error::io(format!("creating store folder {path}"), e))?;
+            } else if !Path::new(path).is_dir() {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("store {url} does not exist (no folder {path}): is the URL right?"),
+                ));
+            }
         }
         // Store errors name the store already.
-        Store::open(&self.store_url).map_err(Error::from)
+        Store::open(url).map_err(Error::from)
     }
 
     /// A runtime for the store's async calls; workers use its handle from their threads.
@@ -145,7 +202,7 @@ impl Engine {
 
     /// Check the store's config against `key`; with `create`, initialize a new store.
     pub async fn check_store(&self, store: &Store, key: &Key, create: bool) -> Result<StoreConfig> {
-        let url = &self.store_url;
+        let url = store.url();
         let cfg = match store
             .read_config()
             .await

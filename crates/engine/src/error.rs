@@ -48,6 +48,11 @@ impl Error {
         Error { kind: self.kind, message: format!("{context}: {}", self.message) }
     }
 
+    /// The same error with `suffix` appended (a hint on what to do).
+    pub(crate) fn with_suffix(self, suffix: &str) -> Self {
+        Error { kind: self.kind, message: format!("{}{suffix}", self.message) }
+    }
+
     pub(crate) fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidInput, message)
     }

@@ -48,10 +48,11 @@ pub use migrate::{
 };
 pub use paths::DataDir;
 pub use replicate::{
-    check_threads, remove_vm, replicate, DiskReport, ReplicateEvent, ReplicateOptions, ReplicateReport,
+    check_threads, remove_vm, replicate, set_vm_store, DiskReport, ReplicateEvent, ReplicateOptions,
+    ReplicateReport,
 };
 pub use verify::{verify, Problem, VerifyOptions, VerifyReport};
-pub use vm::{check_name, new_vm_id, Firmware, VmDef};
+pub use vm::{check_name, new_vm_id, parse_format, register_vm, Firmware, VmDef, VmDisk};
 pub use vmdef::{arm_template, libvirt_xml};
 
 /// Default upload / fetch workers per disk.

@@ -157,7 +157,7 @@ pub enum MigrateEvent {
 }
 
 /// One produced disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct MigratedDisk {
     /// Disk number.
     pub disk: u32,
@@ -165,8 +165,11 @@ pub struct MigratedDisk {
     pub path: PathBuf,
     /// Guest size of the source disk.
     pub virtual_size: u64,
-    /// Guest size of the output (Azure rounds up to a MiB; the padding is zeros).
-    pub output_size: u64,
+    /// Guest size of the output (Azure rounds up to a MiB, qcow2 / VHD / VHDX to a
+    /// sector; the padding is zeros).
+    pub output_virtual_size: u64,
+    /// Length of the output file in bytes (the format's metadata included).
+    pub file_size: u64,
     /// SHA-256 of the source disk's guest content (`virtual_size` bytes), hex: as
     /// recorded at replication, or computed from the chunks for a point without it.
     pub sha256: String,
@@ -175,10 +178,16 @@ pub struct MigratedDisk {
 }
 
 /// What a migration produced.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct MigrateReport {
     /// VM name.
     pub vm: String,
+    /// The store it was read from.
+    pub store_url: String,
+    /// Output format (`--format`).
+    pub format: &'static str,
+    /// A test migration.
+    pub test: bool,
     /// Point id.
     pub point_id: String,
     /// Point instant.
@@ -217,7 +226,7 @@ pub fn migrate(
 ) -> Result<MigrateReport> {
     crate::check_threads(opts.threads)?;
     let key = engine.load_key()?;
-    let store = engine.open_store()?;
+    let store = engine.open_store_at(&engine.store_url_for(name)?, false)?;
     let rt = engine.runtime()?;
     rt.block_on(engine.check_store(&store, &key, false))?;
     let vm_id = rt.block_on(catalog::find_vm(engine, &store, &key, name))?;
@@ -244,15 +253,19 @@ pub fn migrate(
 
     std::fs::create_dir_all(&opts.out_dir)
         .map_err(|e| Error::io(format!("creating {}", opts.out_dir.display()), e))?;
+    // Absolute, so that the libvirt domain and the report name the disks wherever they
+    // are read from (a relative --out would make paths relative to libvirt's folder).
+    let out_dir = std::fs::canonicalize(&opts.out_dir)
+        .map_err(|e| Error::io(format!("resolving {}", opts.out_dir.display()), e))?;
     let vm_name = &manifest.vm.name;
     let stem = if opts.test { format!("{vm_name}-test") } else { vm_name.clone() };
     let disk_paths: Vec<PathBuf> = manifest
         .disks
         .iter()
-        .map(|d| opts.out_dir.join(format!("{stem}-disk{}.{}", d.index, opts.format.extension())))
+        .map(|d| out_dir.join(format!("{stem}-disk{}.{}", d.index, opts.format.extension())))
         .collect();
-    let xml_path = opts.out_dir.join(format!("{stem}.xml"));
-    let arm_path = opts.out_dir.join(format!("{stem}-azure.json"));
+    let xml_path = out_dir.join(format!("{stem}.xml"));
+    let arm_path = out_dir.join(format!("{stem}-azure.json"));
     for p in disk_paths.iter().chain([&xml_path, &arm_path]) {
         if p.exists() {
             return Err(Error::invalid(format!(
@@ -275,20 +288,13 @@ pub fn migrate(
             disk: d.index,
             path: path.clone(),
             virtual_size: d.virtual_size,
-            output_size: opts.format.output_size(d.virtual_size),
+            output_virtual_size: opts.format.output_size(d.virtual_size),
+            file_size: std::fs::metadata(path).map_err(|e| Error::io(path.display(), e))?.len(),
             sha256: sha,
             verified: opts.verify,
         });
     }
-    let files: Vec<(PathBuf, u64)> = disks
-        .iter()
-        .map(|d| {
-            Ok((
-                d.path.clone(),
-                std::fs::metadata(&d.path).map_err(|e| Error::io(d.path.display(), e))?.len(),
-            ))
-        })
-        .collect::<Result<_>>()?;
+    let files: Vec<(PathBuf, u64)> = disks.iter().map(|d| (d.path.clone(), d.file_size)).collect();
     let xml = vmdef::libvirt_xml(&manifest, &files, opts.format, opts.test);
     let arm = vmdef::arm_template(&manifest, &files, opts.test);
     for (p, text) in [(&xml_path, xml), (&arm_path, arm)] {
@@ -298,6 +304,9 @@ pub fn migrate(
     cleanup.0.clear();
     Ok(MigrateReport {
         vm: vm_name.clone(),
+        store_url: store.url().to_string(),
+        format: opts.format.name(),
+        test: opts.test,
         point_id,
         instant: manifest.instant.clone(),
         disks,

@@ -111,7 +111,7 @@ pub enum ReplicateEvent {
 }
 
 /// Per disk numbers of one run.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DiskReport {
     /// Disk number.
     pub disk: u32,
@@ -138,12 +138,14 @@ pub struct DiskReport {
 }
 
 /// The result of a replication.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ReplicateReport {
     /// The VM.
     pub vm: String,
     /// The committed point.
     pub point_id: String,
+    /// The store it was committed to.
+    pub store_url: String,
     /// Whether this run resumed an earlier one.
     pub resumed: bool,
     /// Per disk.
@@ -163,11 +165,15 @@ pub fn replicate(
     check_threads(opts.threads)?;
     let vm = engine.vm(name)?;
     let _running = RunLock::acquire(engine, &vm.id, &vm.name)?;
-    let store = engine.open_store()?;
+    let url = &engine.replication_store_url(&vm)?;
+    let store = engine.open_store_at(url, true)?;
     let rt = engine.runtime()?;
     let (key, cfg) = rt.block_on(engine.key_for_writing(&store))?;
     let db = engine.db();
-    let url = engine.store_url();
+    if vm.store_url.is_none() {
+        // The first replication fixes the VM's store: later commands about the VM use it.
+        db.vm_set_store(&vm.id, url)?;
+    }
 
     let mut resumed = false;
     let mut repl = None;
@@ -189,7 +195,7 @@ pub fn replicate(
     }
     let (repl, disks) = match repl {
         Some(x) => x,
-        None => start(engine, &vm, &cfg, opts, observer)?,
+        None => start(engine, &vm, url, &cfg, opts, observer)?,
     };
     observer(ReplicateEvent::Point { point_id: repl.point_id.clone(), resumed });
     db.mark_run_started(&vm.id, &repl.point_id)?;
@@ -270,6 +276,7 @@ pub fn replicate(
     Ok(ReplicateReport {
         vm: vm.name.clone(),
         point_id: repl.point_id,
+        store_url: url.clone(),
         resumed,
         disks: reports,
         store_stats: store.stats(),
@@ -289,6 +296,26 @@ pub fn remove_vm(engine: &Engine, name: &str) -> Result<VmDef> {
     engine.db().vm_remove(&vm.name)
 }
 
+/// Move VM `name` to the store at `url` (a URL or a local path): its next replication
+/// goes there, and commands about it read from there. Its points in the old store stay
+/// there (migrate them with `--store OLD`); an unfinished replication to the old store
+/// is abandoned and its snapshots released, since it can never be resumed into the new
+/// one. Refused while a replication of the VM runs.
+pub fn set_vm_store(engine: &Engine, name: &str, url: &str) -> Result<(VmDef, String)> {
+    let vm = engine.vm(name)?;
+    let url = crate::engine::normalize_store_url(url)?;
+    tern_store::Store::open(&url).map_err(Error::from)?;
+    let _running = RunLock::acquire(engine, &vm.id, &vm.name)?;
+    for r in engine.db().running_replications(&vm.id)?.into_iter().filter(|r| r.store_url != url) {
+        let disks = engine.db().replication_disks(&vm.id, &r.point_id)?;
+        release_snapshots(engine, &vm, &r.point_id, &disks);
+        engine.db().finish_abandoned(&vm.id, &r.point_id)?;
+    }
+    engine.db().vm_set_store(&vm.id, &url)?;
+    let old = engine.vm_store_url(&vm).to_string();
+    Ok((VmDef { store_url: Some(url), ..vm }, old))
+}
+
 fn snapshot_dir(engine: &Engine, vm: &VmDef, point: &str) -> std::path::PathBuf {
     engine.data_dir().snapshots_dir().join(&vm.id).join(point)
 }
@@ -301,15 +328,17 @@ fn release_snapshots(engine: &Engine, vm: &VmDef, point: &str, disks: &[Replicat
     let _ = std::fs::remove_dir(engine.data_dir().snapshots_dir().join(&vm.id));
 }
 
-fn open_source(path: &Path) -> Result<Box<dyn Disk>> {
-    // The VM's own disk: a backing file it names is part of its content.
-    let o = OpenOptions { allow_backing: true, ..OpenOptions::read_only() };
+/// Open a VM's disk as `format`, or detected when `None`. The VM's own disk: a backing
+/// file it names is part of its content.
+fn open_source(path: &Path, format: Option<tern_disk::Format>) -> Result<Box<dyn Disk>> {
+    let o = OpenOptions { allow_backing: true, format, ..OpenOptions::read_only() };
     Ok(tern_disk::open_disk(path, &o)?)
 }
 
 fn start(
     engine: &Engine,
     vm: &VmDef,
+    store_url: &str,
     cfg: &tern_store::StoreConfig,
     opts: &ReplicateOptions,
     observer: &(dyn Fn(ReplicateEvent) + Sync),
@@ -318,8 +347,10 @@ fn start(
     let point_id = new_point_id(instant)?;
     let dir = snapshot_dir(engine, vm, &point_id);
     let mut disks = Vec::new();
-    for (i, src) in vm.disks.iter().enumerate() {
-        let disk = open_source(src).map_err(|e| e.context(format!("disk {i} of VM {}", vm.name)))?;
+    for (i, vd) in vm.disks.iter().enumerate() {
+        let src = &vd.path;
+        let disk =
+            open_source(src, vd.format).map_err(|e| e.context(format!("disk {i} of VM {}", vm.name)))?;
         let info = disk.info()?;
         // A relative backing file name would not resolve from the snapshot folder, so
         // images with a backing file are read in place.
@@ -356,7 +387,7 @@ fn start(
     let row = ReplicationRow {
         vm_id: vm.id.clone(),
         point_id,
-        store_url: engine.store_url().to_string(),
+        store_url: store_url.to_string(),
         state: "running".into(),
         instant: crate::rfc3339(instant),
         chunk_size: cfg.chunk_size,
@@ -399,7 +430,11 @@ fn replicate_disk(
 ) -> Result<(BaseIndex, DiskReport)> {
     let db = engine.db();
     let label = format!("disk {} ({})", d.disk, d.source_path.display());
-    let disk = open_source(&d.read_path).map_err(|e| e.context(&label))?;
+    // The format detected when the replication started: a snapshot's name says none.
+    let format = crate::vm::parse_format(&d.source_format).map_err(|_| {
+        Error::corrupt(format!("state database: {label} has unknown format {:?}", d.source_format))
+    })?;
+    let disk = open_source(&d.read_path, Some(format)).map_err(|e| e.context(&label))?;
     if disk.virtual_size() != d.virtual_size {
         return Err(Error::invalid(format!(
             "{label}: size changed from {} to {} bytes during replication; remove the VM's unfinished replication with `tern vm remove` and add it again",

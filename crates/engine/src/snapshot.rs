@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use crate::{Error, ErrorKind, Result};
 
 /// How a disk is being read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum SnapshotKind {
     /// A reflink copy under the data directory, deleted when the point is committed.
     Reflink,

@@ -46,8 +46,8 @@ impl Limit {
         let t = s.trim();
         let err = |why: &str| {
             Error::invalid(format!(
-                "rate {s:?} {why}: give a number of bit/s with a unit (bps, Kbps, Mbps; K = 1000) \
-                 from 512Kbps to 1023Mbps, or `unlimited`"
+                "rate {s:?} {why}: give a number of bit/s with a unit (bps, Kbps, Mbps or Gbps; \
+                 K = 1000) from 512Kbps to 1023Mbps, or `unlimited`"
             ))
         };
         if t.eq_ignore_ascii_case("unlimited") {

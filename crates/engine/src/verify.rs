@@ -17,18 +17,20 @@ use crate::{Engine, Manifest, Result};
 pub struct VerifyOptions {
     /// Fetch and open every chunk instead of only checking that it exists.
     pub read_data: bool,
-    /// Chunks fetched at once with `read_data`, 1..=32.
+    /// Chunks fetched at once with `read_data`, 1 to 32.
     pub threads: usize,
+    /// The store to verify; `None`: the engine's ([`Engine::store_url`]).
+    pub store_url: Option<String>,
 }
 
 impl Default for VerifyOptions {
     fn default() -> Self {
-        VerifyOptions { read_data: false, threads: crate::DEFAULT_THREADS }
+        VerifyOptions { read_data: false, threads: crate::DEFAULT_THREADS, store_url: None }
     }
 }
 
 /// One problem found.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Problem {
     /// VM name (or id when the manifest is unreadable).
     pub vm: String,
@@ -56,8 +58,12 @@ impl std::fmt::Display for Problem {
 }
 
 /// What verify found.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct VerifyReport {
+    /// The store verified.
+    pub store_url: String,
+    /// Whether every chunk was fetched and opened (`read_data`), not only listed.
+    pub read_data: bool,
     /// VMs seen.
     pub vms: u64,
     /// Points checked.
@@ -74,10 +80,11 @@ pub struct VerifyReport {
 pub fn verify(engine: &Engine, opts: &VerifyOptions) -> Result<VerifyReport> {
     crate::check_threads(opts.threads)?;
     let key = engine.load_key()?;
-    let store = engine.open_store()?;
+    let store = engine.open_store_at(opts.store_url.as_deref().unwrap_or(engine.store_url()), false)?;
     let rt = engine.runtime()?;
     rt.block_on(engine.check_store(&store, &key, false))?;
-    let mut report = VerifyReport::default();
+    let mut report =
+        VerifyReport { store_url: store.url().to_string(), read_data: opts.read_data, ..Default::default() };
     let listed: HashMap<ChunkAddress, u64> = rt.block_on(store.list_chunks())?.into_iter().collect();
     // Result per distinct chunk: None = good, Some(message) = bad.
     let mut checked: HashMap<ChunkAddress, Option<String>> = HashMap::new();

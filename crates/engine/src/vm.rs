@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use tern_disk::Format;
 
 use crate::{Error, Result};
 
@@ -35,8 +36,24 @@ impl Firmware {
     }
 }
 
+/// One disk of a VM: its image and, when the user said it, the format to read it as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmDisk {
+    /// The image (absolute, canonical).
+    pub path: PathBuf,
+    /// The format given with `tern vm add --format`; `None` detects it (and refuses an
+    /// image whose name and content disagree).
+    pub format: Option<Format>,
+}
+
+impl From<PathBuf> for VmDisk {
+    fn from(path: PathBuf) -> VmDisk {
+        VmDisk { path, format: None }
+    }
+}
+
 /// A VM as registered with `tern vm add`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VmDef {
     /// Random 128-bit id in hex; names objects in the store so that renaming a VM or
     /// reusing a name never mixes two VMs' points.
@@ -50,7 +67,11 @@ pub struct VmDef {
     /// Firmware.
     pub firmware: Firmware,
     /// Source disk images, in order (disk 0 boots).
-    pub disks: Vec<PathBuf>,
+    pub disks: Vec<VmDisk>,
+    /// The store the VM replicates to. `None` until its first replication (or `vm add
+    /// --store`) fixes it: the data directory's default store, or the `--store` given
+    /// then. Every command about the VM uses it unless `--store` says otherwise.
+    pub store_url: Option<String>,
 }
 
 /// Limits on what `vm add` accepts.
@@ -59,6 +80,14 @@ pub const MAX_CPUS: u32 = 1024;
 pub const MAX_MEMORY: u64 = 64 << 40;
 /// Most disks per VM (Azure allows 64 data disks plus the OS disk).
 pub const MAX_DISKS: usize = 65;
+
+/// Parse a disk format name (`raw`, `qcow2`, `vhd`, `vhdx`).
+pub fn parse_format(s: &str) -> Result<Format> {
+    [Format::Raw, Format::Qcow2, Format::Vhd, Format::Vhdx]
+        .into_iter()
+        .find(|f| f.name() == s)
+        .ok_or_else(|| Error::invalid(format!("disk format {s:?} is not one of raw, qcow2, vhd, vhdx")))
+}
 
 /// A new random VM id (128 bits, hex).
 pub fn new_vm_id() -> Result<String> {
@@ -87,11 +116,11 @@ impl VmDef {
     pub fn validate(self) -> Result<VmDef> {
         check_name(&self.name)?;
         if self.cpus == 0 || self.cpus > MAX_CPUS {
-            return Err(Error::invalid(format!("--cpus {} is out of range 1..={MAX_CPUS}", self.cpus)));
+            return Err(Error::invalid(format!("--cpus {} is out of range: use 1 to {MAX_CPUS}", self.cpus)));
         }
         if self.memory_bytes < (1 << 20) || self.memory_bytes > MAX_MEMORY {
             return Err(Error::invalid(format!(
-                "--memory {} bytes is out of range 1 MiB ..= 64 TiB",
+                "--memory {} bytes is out of range: use 1 MiB to 64 TiB",
                 self.memory_bytes
             )));
         }
@@ -103,6 +132,64 @@ impl VmDef {
         }
         Ok(self)
     }
+}
+
+/// Register `vm` on this host after checking it: every field ([`VmDef::validate`]),
+/// every disk opens as an image of its format (detected, or the one given) and is not
+/// empty, and no image is given twice or already belongs to another VM (compared by
+/// file identity, so another path to the same file is caught too): two replications
+/// of one disk would be a mistake, never a feature.
+pub fn register_vm(engine: &crate::Engine, vm: VmDef) -> Result<VmDef> {
+    use std::os::unix::fs::MetadataExt;
+    let mut vm = vm.validate()?;
+    let identity = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let mut seen: Vec<((u64, u64), usize)> = Vec::new();
+    for (i, d) in vm.disks.iter_mut().enumerate() {
+        d.path =
+            std::fs::canonicalize(&d.path).map_err(|e| Error::io(format!("disk {}", d.path.display()), e))?;
+        let o = tern_disk::OpenOptions { allow_backing: true, format: d.format, ..Default::default() };
+        let format = d.format;
+        let disk = tern_disk::open_disk(&d.path, &o).map_err(|e| {
+            let hint = if format.is_none() && e.kind() == tern_disk::ErrorKind::InvalidInput {
+                " (if it is a raw disk, say so with --format raw)"
+            } else {
+                ""
+            };
+            Error::from(e).context(format!("disk {}", d.path.display())).with_suffix(hint)
+        })?;
+        if disk.virtual_size() == 0 {
+            return Err(Error::invalid(format!("disk {} is empty (0 bytes)", d.path.display())));
+        }
+        let Some(id) = identity(&d.path) else { continue };
+        if let Some((_, j)) = seen.iter().find(|(s, _)| *s == id) {
+            return Err(Error::invalid(format!(
+                "disk {i} ({}) is the same image as disk {j}: give each image once",
+                d.path.display()
+            )));
+        }
+        seen.push((id, i));
+    }
+    for other in engine.db().vm_list()? {
+        for (j, od) in other.disks.iter().enumerate() {
+            let same = |d: &VmDisk| {
+                d.path == od.path || identity(&od.path).is_some_and(|o| identity(&d.path) == Some(o))
+            };
+            if let Some(d) = vm.disks.iter().find(|d| same(d)) {
+                return Err(Error::invalid(format!(
+                    "{} is already disk {j} of VM {}: an image can belong to one VM only \
+                     (remove it there first with `tern vm remove {}`)",
+                    d.path.display(),
+                    other.name,
+                    other.name
+                )));
+            }
+        }
+    }
+    if let Some(url) = engine.explicit_store() {
+        vm.store_url = Some(url.to_string());
+    }
+    engine.db().vm_add(&vm)?;
+    Ok(vm)
 }
 
 #[cfg(test)]

@@ -77,6 +77,8 @@ fn migrate_from_another_machine_with_only_store_and_key() {
         key_file: key,
         store_url: Some(h.engine.store_url().to_string()),
         local_offset: None,
+        // Migrating on another machine needs no data directory there, and makes none.
+        read_only: true,
     };
     // No key at all: a clear error, nothing written.
     let e = Engine::open(&opts(None)).unwrap();
@@ -95,6 +97,7 @@ fn migrate_from_another_machine_with_only_store_and_key() {
     let e = Engine::open(&opts(Some(h.engine.key_file().to_path_buf()))).unwrap();
     let m = run_migrate(&e, "db", MigrateFormat::Raw, &other.path().join("out")).unwrap();
     qemu_compare(&src, &m.disks[0].path);
+    assert!(!other.path().join("data").exists(), "a read-only migration made a data directory");
 }
 
 #[test]

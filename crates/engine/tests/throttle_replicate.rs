@@ -33,7 +33,8 @@ fn a_limited_replication_takes_its_bytes_time_at_the_limit_and_restores_exactly(
             cpus: 1,
             memory_bytes: 1 << 30,
             firmware: Firmware::Bios,
-            disks: vec![src.clone()],
+            disks: vec![src.clone().into()],
+            store_url: None,
         })
         .unwrap();
 

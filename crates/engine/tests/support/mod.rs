@@ -42,7 +42,8 @@ pub fn add_vm_firmware(engine: &Engine, name: &str, disks: &[PathBuf], firmware:
             cpus: 2,
             memory_bytes: 2 << 30,
             firmware,
-            disks: disks.to_vec(),
+            disks: disks.iter().cloned().map(Into::into).collect(),
+            store_url: None,
         })
         .unwrap();
 }
