@@ -117,10 +117,6 @@ pub struct StatusArgs {
     data: DataDirArg,
 }
 
-fn parse_time(s: &str) -> Option<time::OffsetDateTime> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
-}
-
 fn fmt_duration(secs: f64) -> String {
     let s = secs.round() as u64;
     if s >= 3600 {
@@ -175,7 +171,6 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
         Some(n) => vec![engine.vm(n)?],
         None => engine.db().vm_list()?,
     };
-    let now = time::OffsetDateTime::now_utc();
     let mut out = Vec::new();
     for vm in vms {
         let store = engine.vm_store_url(&vm).to_string();
@@ -184,23 +179,19 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             continue;
         };
         let disks = engine.db().replication_disks(&vm.id, &r.point_id)?;
-        let done: u64 = disks.iter().map(|d| d.bytes_done).sum();
+        let recorded: u64 = disks.iter().map(|d| d.bytes_done).sum();
         let total: u64 = disks.iter().map(|d| d.virtual_size).sum();
         let running = r.state == "running";
         // A running replication holds its VM's lock; one recorded as running without
         // it was stopped (failed, killed, machine restarted) and resumes with
         // `tern replicate`.
         let alive = running && tern_engine::replication_running(&engine, &vm.id)?;
-        let elapsed = r.run_started.as_deref().and_then(parse_time).map(|t| (now - t).as_seconds_f64());
-        // The rate over the last minute; the average since the run started until the
-        // first minute's samples exist.
-        let rate = match (alive, r.recent_rate, elapsed) {
-            (true, Some(recent), _) => Some(recent),
-            (true, None, Some(e)) if e >= 1.0 => {
-                Some((done.saturating_sub(r.run_base_bytes) as f64 / e) as u64)
-            }
-            _ => None,
-        };
+        // What the run itself shows: chunks in flight count by the share of them sent.
+        let done =
+            if alive { recorded.max(r.run_base_bytes + r.run_live_bytes).min(total) } else { recorded };
+        // The rate over the last minute of the run, as the run measures it (from its
+        // first second on); none before the run has recorded one.
+        let rate = if alive { r.recent_rate } else { None };
         let eta = rate.filter(|&r| r > 0).map(|rate| total.saturating_sub(done).div_ceil(rate));
         let state = match (running, alive) {
             (true, true) => "replicating",
@@ -298,8 +289,8 @@ pub struct PointsArgs {
 /// List recovery points from the store (the truth), oldest first.
 pub fn points(g: &GlobalArgs, a: PointsArgs) -> Result<ExitCode> {
     let engine = g.with(&a.data, Some(&a.key), Some(&a.store)).engine_read_only()?;
-    let key = engine.load_key()?;
     let store = engine.open_store_at(&engine.store_url_for(&a.name)?, false)?;
+    let key = engine.load_key()?;
     let rt = engine.runtime()?;
     let points = rt.block_on(async {
         engine.check_store(&store, &key, false).await?;

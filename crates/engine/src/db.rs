@@ -87,7 +87,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE replications ADD COLUMN recent_rate INTEGER;
     "#,
     // Version 3: the store each VM replicates to (NULL: not fixed yet, the default
-    // store), taken from its latest replication; a disk's format when the user gave one.
+    // store), taken from its latest replication; a disk's format when the user gave one;
+    // a running replication's live progress (chunks in flight counted by what was sent).
     r#"
     ALTER TABLE vms ADD COLUMN store_url TEXT;
     UPDATE vms SET store_url = (
@@ -96,6 +97,7 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE vm_disks ADD COLUMN format TEXT
         CHECK (format IS NULL OR format IN ('raw', 'qcow2', 'vhd', 'vhdx'));
+    ALTER TABLE replications ADD COLUMN run_live_bytes INTEGER;
     "#,
 ];
 
@@ -134,6 +136,9 @@ pub struct ReplicationRow {
     /// Guest bytes per second over the last minute of the run, updated about every
     /// second while it runs.
     pub recent_rate: Option<u64>,
+    /// Guest bytes this run has processed, chunks in flight counted by the share of
+    /// them sent, updated with `recent_rate`: ahead of the chunks recorded as done.
+    pub run_live_bytes: u64,
 }
 
 /// One disk of a replication.
@@ -362,11 +367,12 @@ impl StateDb {
             run_base_bytes: to_u64(r.get(7)?),
             finished: r.get(8)?,
             recent_rate: r.get::<_, Option<i64>>(9)?.map(to_u64),
+            run_live_bytes: to_u64(r.get::<_, Option<i64>>(10)?.unwrap_or(0)),
         })
     }
 
     const REPL_COLS: &'static str =
-        "vm_id, point_id, store_url, state, instant, chunk_size, run_started, run_base_bytes, finished, recent_rate";
+        "vm_id, point_id, store_url, state, instant, chunk_size, run_started, run_base_bytes, finished, recent_rate, run_live_bytes";
 
     /// The unfinished replication of `vm_id` to `store_url`, if any.
     pub fn running_replication(&self, vm_id: &str, store_url: &str) -> Result<Option<ReplicationRow>> {
@@ -452,11 +458,17 @@ impl StateDb {
     }
 
     /// Record a running replication's recent rate (`None`: not known yet).
-    pub fn record_rate(&self, vm_id: &str, point_id: &str, recent_rate: Option<u64>) -> Result<()> {
+    pub fn record_rate(
+        &self,
+        vm_id: &str,
+        point_id: &str,
+        recent_rate: Option<u64>,
+        live: u64,
+    ) -> Result<()> {
         let rate = recent_rate.map(|r| to_i64(r, "rate")).transpose()?;
         self.conn().execute(
-            "UPDATE replications SET recent_rate = ?3 WHERE vm_id = ?1 AND point_id = ?2",
-            params![vm_id, point_id, rate],
+            "UPDATE replications SET recent_rate = ?3, run_live_bytes = ?4 WHERE vm_id = ?1 AND point_id = ?2",
+            params![vm_id, point_id, rate, to_i64(live, "live progress")?],
         )?;
         Ok(())
     }
@@ -723,6 +735,7 @@ mod tests {
             run_base_bytes: 0,
             finished: None,
             recent_rate: None,
+            run_live_bytes: 0,
         };
         let disk = ReplicationDiskRow {
             disk: 0,
@@ -743,7 +756,8 @@ mod tests {
         assert_eq!(disks[0].bytes_uploaded, 100);
         assert_eq!(db.recorded_chunks(&a.id, "p1", 0).unwrap(), vec![(0, None), (1, Some([7; 32]))]);
         assert_eq!(db.running_replication(&a.id, "file:///s").unwrap().unwrap().point_id, "p1");
-        db.record_rate(&a.id, "p1", Some(12345)).unwrap();
-        assert_eq!(db.last_replication(&a.id).unwrap().unwrap().recent_rate, Some(12345));
+        db.record_rate(&a.id, "p1", Some(12345), 99).unwrap();
+        let r = db.last_replication(&a.id).unwrap().unwrap();
+        assert_eq!((r.recent_rate, r.run_live_bytes), (Some(12345), 99));
     }
 }

@@ -225,8 +225,8 @@ pub fn migrate(
     observer: &(dyn Fn(MigrateEvent) + Sync),
 ) -> Result<MigrateReport> {
     crate::check_threads(opts.threads)?;
-    let key = engine.load_key()?;
     let store = engine.open_store_at(&engine.store_url_for(name)?, false)?;
+    let key = engine.load_key()?;
     let rt = engine.runtime()?;
     rt.block_on(engine.check_store(&store, &key, false))?;
     let vm_id = rt.block_on(catalog::find_vm(engine, &store, &key, name))?;

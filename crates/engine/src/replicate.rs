@@ -199,11 +199,13 @@ pub fn replicate(
     };
     observer(ReplicateEvent::Point { point_id: repl.point_id.clone(), resumed });
     db.mark_run_started(&vm.id, &repl.point_id)?;
-    db.record_rate(&vm.id, &repl.point_id, None)?;
-    let mut window = RateWindow::default();
+    db.record_rate(&vm.id, &repl.point_id, None, 0)?;
+    let mut window = RateWindow::starting(Instant::now());
 
     let uploads = AtomicU64::new(0);
-    let ctx = Ctx { key: &key, store: &store, rt: rt.handle(), throttle, opts, uploads: &uploads };
+    let live = AtomicU64::new(0);
+    let ctx =
+        Ctx { key: &key, store: &store, rt: rt.handle(), throttle, opts, uploads: &uploads, live: &live };
     let mut indexes = Vec::new();
     let mut reports = Vec::new();
     for d in &disks {
@@ -395,6 +397,7 @@ fn start(
         run_base_bytes: 0,
         finished: None,
         recent_rate: None,
+        run_live_bytes: 0,
     };
     engine.db().start_replication(&row, &disks)?;
     Ok((row, disks))
@@ -407,6 +410,10 @@ struct Ctx<'a> {
     throttle: &'a Throttle,
     opts: &'a ReplicateOptions,
     uploads: &'a AtomicU64,
+    /// Guest bytes this run has processed, counting a chunk in flight by the share of
+    /// its envelope already sent: what the progress bar and `tern status` show, so they
+    /// move while a throttled chunk is uploading instead of jumping once it is done.
+    live: &'a AtomicU64,
 }
 
 /// What a worker reports for one chunk.
@@ -414,6 +421,8 @@ struct ChunkDone {
     n: usize,
     address: Option<ChunkAddress>,
     guest: u64,
+    /// Guest bytes of it already added to [`Ctx::live`] while it was uploading.
+    credited: u64,
     read: u64,
     uploaded: u64,
     dedup: bool,
@@ -538,6 +547,8 @@ fn replicate_disk(
         // progress to resume from); later ones in batches of up to a second.
         let mut last_flush = Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now);
         let mut last_rate = Instant::now();
+        // Live progress already shown for this disk.
+        let mut shown = ctx.live.load(Ordering::Relaxed);
         let flush = |batch: &mut Vec<_>, first_error: &mut Option<Error>| {
             if let Err(e) = db.record_chunks(&vm.id, &repl.point_id, d.disk, batch) {
                 abort.store(true, Ordering::Relaxed);
@@ -557,8 +568,7 @@ fn replicate_disk(
                     report.uploaded_bytes += c.uploaded;
                     report.read_bytes += c.read;
                     batch.push((c.n as u64, c.address.map(|a| a.0), c.guest, c.uploaded));
-                    observer(ReplicateEvent::Chunk { disk: d.disk, guest_bytes: c.guest });
-                    window.add(c.guest);
+                    ctx.live.fetch_add(c.guest - c.credited.min(c.guest), Ordering::Relaxed);
                 }
                 Ok(Err(e)) => {
                     abort.store(true, Ordering::Relaxed);
@@ -567,6 +577,11 @@ fn replicate_disk(
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
+            let live = ctx.live.load(Ordering::Relaxed);
+            if live > shown {
+                observer(ReplicateEvent::Chunk { disk: d.disk, guest_bytes: live - shown });
+                shown = live;
+            }
             if batch.len() >= 256 || (!batch.is_empty() && last_flush.elapsed() >= Duration::from_secs(1)) {
                 flush(&mut batch, &mut first_error);
                 last_flush = Instant::now();
@@ -574,7 +589,8 @@ fn replicate_disk(
             if last_rate.elapsed() >= Duration::from_secs(1) {
                 last_rate = Instant::now();
                 // Advisory (for `tern status`): a failure here is not the run's failure.
-                let _ = db.record_rate(&vm.id, &repl.point_id, window.rate(last_rate));
+                let live = ctx.live.load(Ordering::Relaxed);
+                let _ = db.record_rate(&vm.id, &repl.point_id, window.rate(last_rate, live), live);
             }
         }
         flush(&mut batch, &mut first_error);
@@ -597,30 +613,30 @@ fn replicate_disk(
 /// Guest bytes done over the last minute of a run, sampled about every second: the
 /// rate `tern status` shows (an average since the start would hide a limit changed an
 /// hour in, or a slow disk after a fast one).
-#[derive(Default)]
 struct RateWindow {
-    total: u64,
     samples: std::collections::VecDeque<(Instant, u64)>,
 }
 
 impl RateWindow {
     const SPAN: Duration = Duration::from_secs(60);
 
-    fn add(&mut self, bytes: u64) {
-        self.total += bytes;
+    /// A window whose first sample is 0 bytes at `start` (the run's start), so that
+    /// the rate is known from the first second on.
+    fn starting(start: Instant) -> RateWindow {
+        RateWindow { samples: [(start, 0)].into() }
     }
 
-    /// Record a sample at `now`; bytes per second over the window, once it spans a
-    /// second.
-    fn rate(&mut self, now: Instant) -> Option<u64> {
-        self.samples.push_back((now, self.total));
+    /// Record that `total` bytes were done at `now`; bytes per second over the window,
+    /// once it spans a second.
+    fn rate(&mut self, now: Instant, total: u64) -> Option<u64> {
+        self.samples.push_back((now, total));
         // Keep the newest sample at or before the window's start as its left edge.
         while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= Self::SPAN {
             self.samples.pop_front();
         }
         let &(t0, b0) = self.samples.front()?;
         let span = now.duration_since(t0).as_secs_f64();
-        (span >= 1.0).then(|| ((self.total - b0) as f64 / span) as u64)
+        (span >= 1.0).then(|| (total.saturating_sub(b0) as f64 / span) as u64)
     }
 }
 
@@ -740,7 +756,8 @@ fn process_chunk(
     range: std::ops::Range<u64>,
 ) -> Result<ChunkDone> {
     let len = (range.end - range.start) as usize;
-    let mut out = ChunkDone { n, address: None, guest: len as u64, read: 0, uploaded: 0, dedup: false };
+    let mut out =
+        ChunkDone { n, address: None, guest: len as u64, credited: 0, read: 0, uploaded: 0, dedup: false };
     if mapped_zero(disk, &range)? {
         return Ok(out);
     }
@@ -763,18 +780,40 @@ fn process_chunk(
     }
     let env = Bytes::from(seal(ctx.key, ObjectKind::Chunk, buf, ctx.opts.compression_level)?);
     out.uploaded = env.len() as u64;
+    // Each part the throttle admits credits its share of the chunk's guest bytes to the
+    // live progress (never more than the chunk, even if a retry sends parts again).
+    let credited = AtomicU64::new(0);
+    let total = env.len() as u64;
+    let sent = AtomicU64::new(0);
+    let pacer = |remaining: u64| {
+        let part = ctx.throttle.grant(remaining);
+        let now = (sent.fetch_add(part, Ordering::Relaxed) + part).min(total);
+        let share = (u128::from(out.guest) * u128::from(now) / u128::from(total.max(1))) as u64;
+        let before = credited.fetch_max(share, Ordering::Relaxed);
+        if share > before {
+            ctx.live.fetch_add(share - before, Ordering::Relaxed);
+        }
+        part
+    };
     let mut attempt = 0;
     // Bounded retries of transient failures, with a growing pause. The throttle admits
     // the chunk part by part as it goes to the store (one plain put when unlimited); a
     // retry sends, and pays for, the bytes again.
     loop {
-        match ctx.rt.block_on(ctx.store.put_chunk_paced(&address, env.clone(), ctx.throttle)) {
-            Ok(()) => return Ok(out),
+        match ctx.rt.block_on(ctx.store.put_chunk_paced(&address, env.clone(), &pacer)) {
+            Ok(()) => {
+                out.credited = credited.load(Ordering::Relaxed);
+                return Ok(out);
+            }
             Err(e) if e.kind() == tern_store::ErrorKind::Transient && attempt < 4 => {
                 attempt += 1;
                 std::thread::sleep(Duration::from_millis(250 << attempt));
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // The run stops; the chunk is not done, so take its credit back.
+                ctx.live.fetch_sub(credited.load(Ordering::Relaxed), Ordering::Relaxed);
+                return Err(e.into());
+            }
         }
     }
 }
@@ -787,21 +826,23 @@ mod tests {
     fn the_rate_covers_the_last_minute_only() {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut w = RateWindow::default();
-        assert_eq!(w.rate(at(0)), None);
+        let mut w = RateWindow::starting(t0);
+        // Known from the first second on, counted from the run's start.
+        assert_eq!(w.rate(at(1), 10_000_000), Some(10_000_000));
         // 10 MB/s for two minutes, then 1 MB/s.
-        for s in 1..=120 {
-            w.add(10_000_000);
-            w.rate(at(s));
+        let mut total = 10_000_000;
+        for s in 2..=120 {
+            total += 10_000_000;
+            w.rate(at(s), total);
         }
-        assert_eq!(w.rate(at(120)), Some(10_000_000));
+        assert_eq!(w.rate(at(120), total), Some(10_000_000));
         for s in 121..=180 {
-            w.add(1_000_000);
-            w.rate(at(s));
+            total += 1_000_000;
+            w.rate(at(s), total);
         }
-        assert_eq!(w.rate(at(180)), Some(1_000_000));
+        assert_eq!(w.rate(at(180), total), Some(1_000_000));
         // Nothing for 30 s: the window still holds 30 s of 1 MB/s.
-        assert_eq!(w.rate(at(210)), Some(500_000));
+        assert_eq!(w.rate(at(210), total), Some(500_000));
         assert!(w.samples.len() <= 64, "{}", w.samples.len());
     }
 }

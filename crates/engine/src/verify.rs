@@ -79,8 +79,8 @@ pub struct VerifyReport {
 /// Verify the engine's store.
 pub fn verify(engine: &Engine, opts: &VerifyOptions) -> Result<VerifyReport> {
     crate::check_threads(opts.threads)?;
-    let key = engine.load_key()?;
     let store = engine.open_store_at(opts.store_url.as_deref().unwrap_or(engine.store_url()), false)?;
+    let key = engine.load_key()?;
     let rt = engine.runtime()?;
     rt.block_on(engine.check_store(&store, &key, false))?;
     let mut report =
