@@ -142,7 +142,7 @@ fn status_agrees_with_the_run_from_its_first_seconds() {
                 first_rate = Some((rate, done, st["eta_seconds"].as_u64()));
             }
             // Progress inside chunks in flight, as the progress bar shows it.
-            partial |= done > 0 && done % (4 << 20) != 0;
+            partial |= done > 0 && !done.is_multiple_of(4 << 20);
         }
         std::thread::sleep(Duration::from_millis(200));
     }
