@@ -144,7 +144,8 @@ struct VmStatus {
 #[derive(Serialize)]
 struct ReplicationStatus {
     point: String,
-    store: String,
+    /// The store that replication writes to (the VM's, unless it was moved since).
+    point_store: String,
     instant: String,
     bytes_done: u64,
     bytes_total: u64,
@@ -204,7 +205,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             store,
             replication: Some(ReplicationStatus {
                 point: r.point_id,
-                store: r.store_url,
+                point_store: r.store_url,
                 instant: r.instant,
                 bytes_done: done,
                 bytes_total: total,
@@ -254,7 +255,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             line += &format!(" (run `tern replicate {}` to resume)", v.vm);
         }
         outln!("{line}");
-        outln!("  store {}", r.store);
+        outln!("  store {}", r.point_store);
         for d in &r.disks {
             outln!(
                 "  disk {}: {} {} / {} ({} uploaded)  {}",

@@ -15,8 +15,20 @@ use support::{fails, ok, random_image, sha256, tern};
 fn json(c: &mut Command) -> serde_json::Value {
     let out = ok(c);
     // One document, pretty-printed like every other `--json`.
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    // Pretty-printed, as every `--json` is, and no key twice in an object (a parser
+    // would keep only one of them): the key lines printed are the keys parsed.
     assert!(out.starts_with("[\n") || out.starts_with("{\n"), "not pretty JSON: {out}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    fn keys(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::Object(m) => m.len() + m.values().map(keys).sum::<usize>(),
+            serde_json::Value::Array(a) => a.iter().map(keys).sum(),
+            _ => 0,
+        }
+    }
+    let key_lines = out.lines().filter(|l| l.trim_start().starts_with('"') && l.contains("\": ")).count();
+    assert_eq!(key_lines, keys(&v), "a key printed twice in: {out}");
+    v
 }
 
 fn file_url(p: &Path) -> String {
@@ -45,6 +57,9 @@ fn a_vm_keeps_the_store_it_replicates_to() {
     assert_eq!(v[0]["points"], 1);
     let st = json(tern(&data).args(["status", "web", "--json"]));
     assert_eq!(st[0]["store"], file_url(&elsewhere));
+    assert_eq!(st[0]["point_store"], file_url(&elsewhere));
+    json(tern(&data).args(["vm", "list", "--json"]));
+    json(tern(&data).args(["throttle", "show", "--json"]));
     assert!(!data.join("store").exists(), "the default store was made though nothing went there");
 
     // Another store is refused for replication, naming both and the way to move.
