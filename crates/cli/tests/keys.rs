@@ -22,7 +22,13 @@ fn interrupted_replication(data: &Path, vm: &str) {
     // Bounded: progress is recorded about every second.
     let mut done = 0;
     for _ in 0..600 {
-        done = status(data, vm)["bytes_done"].as_u64().unwrap_or(0);
+        // Recorded chunks (the VM's bytes_done also counts chunks in flight).
+        done = status(data, vm)["disks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| d["bytes_done"].as_u64().unwrap_or(0))
+            .sum();
         if done > 0 {
             break;
         }

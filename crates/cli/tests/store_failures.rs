@@ -103,7 +103,13 @@ fn store_cut_off_mid_replication_then_restored_resumes() {
     // chunks are recorded within a few seconds.
     let mut done = 0;
     for _ in 0..600 {
-        done = status(&data, "db")["bytes_done"].as_u64().unwrap_or(0);
+        // Recorded chunks (the VM's bytes_done also counts chunks in flight).
+        done = status(&data, "db")["disks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| d["bytes_done"].as_u64().unwrap_or(0))
+            .sum();
         if done > 0 {
             break;
         }
