@@ -304,8 +304,8 @@ fn extended_l2_subclusters_read_like_qemu() {
 }
 
 #[test]
-fn shared_dfvfs_fixtures_read_like_qemu() {
-    let Some(src) = common::shared_testdata("dfvfs") else { return };
+fn dfvfs_fixtures_read_like_qemu() {
+    let src = common::testdata("dfvfs");
     let dir = tempfile::tempdir().unwrap();
     for name in ["ext2.qcow2", "windows_volume.qcow2"] {
         let img = dir.path().join(name);

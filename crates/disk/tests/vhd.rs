@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_reads_like_qemu, qemu_img, qemu_info, run, shared_testdata};
+use common::{assert_reads_like_qemu, qemu_img, qemu_info, run, testdata};
 use proptest::prelude::*;
 use tern_disk::{
     collect_map, convert, create_disk, open_disk, ConvertOptions, CreateFormat, CreateOptions, Disk,
@@ -186,7 +186,7 @@ fn large_sparse_image_with_data_past_4_gib() {
 
 #[test]
 fn dfvfs_ext2_reads_like_qemu() {
-    let Some(data) = shared_testdata("dfvfs") else { return };
+    let data = testdata("dfvfs");
     let dir = tempfile::tempdir().unwrap();
     let img = data.join("ext2.vhd");
     assert_reads_like_qemu(&img, dir.path());
@@ -200,7 +200,7 @@ fn dfvfs_ext2_reads_like_qemu() {
 
 #[test]
 fn dfvfs_windows_differencing_disk_without_its_parent() {
-    let Some(data) = shared_testdata("dfvfs") else { return };
+    let data = testdata("dfvfs");
     let img = data.join("fat-differential.vhd");
     let disk = open(&img);
     let info = disk.info().unwrap();
@@ -240,7 +240,7 @@ fn dfvfs_windows_differencing_disk_without_its_parent() {
 
 #[test]
 fn dfvfs_images_with_bad_checksums_are_refused() {
-    let Some(data) = shared_testdata("dfvfs") else { return };
+    let data = testdata("dfvfs");
     let err = open_err(&data.join("image.vhd"), false);
     assert_eq!(err.kind(), ErrorKind::Corrupt);
     let msg = err.to_string();

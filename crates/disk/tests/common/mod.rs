@@ -202,21 +202,23 @@ pub fn assert_map_like_qemu(path: &Path) {
     assert_eq!(off, disk.virtual_size(), "{}: maps do not cover the disk", path.display());
 }
 
-/// The folder of disk images made by other tools (shared test fixtures), copied before
-/// anything writable is done with them. `TERN_TESTDATA` overrides where it is looked for.
-/// Returns `None` (and says so) only when `TERN_ALLOW_MISSING_TESTDATA=1`; otherwise a
-/// missing folder fails the test.
-pub fn shared_testdata(subdir: &str) -> Option<PathBuf> {
-    let base = std::env::var_os("TERN_TESTDATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata"));
-    let dir = base.join(subdir);
-    if dir.is_dir() {
-        return Some(dir);
+/// The folder of disk images made by other tools, carried in the repository under
+/// `tests/data/` (see its README for their origin, licence and what each must do). Every
+/// file listed in its `SHA256SUMS` must be there with that digest: a missing or altered
+/// fixture fails the test that needs it, naming the file. Tests copy a fixture before
+/// opening anything writable.
+pub fn testdata(subdir: &str) -> PathBuf {
+    use sha2::Digest;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(subdir);
+    let sums = std::fs::read_to_string(dir.join("SHA256SUMS"))
+        .unwrap_or_else(|e| panic!("test fixtures: {}: {e}", dir.join("SHA256SUMS").display()));
+    for line in sums.lines().filter(|l| !l.trim().is_empty()) {
+        let (want, name) = line.split_once("  ").unwrap_or_else(|| panic!("SHA256SUMS: bad line {line:?}"));
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("test fixture {} is missing: {e}", path.display()));
+        let got = format!("{:x}", sha2::Sha256::digest(&bytes));
+        assert_eq!(got, want, "test fixture {} is not the file SHA256SUMS lists", path.display());
     }
-    if std::env::var("TERN_ALLOW_MISSING_TESTDATA").as_deref() == Ok("1") {
-        eprintln!("SKIPPED: shared test data not found at {}", dir.display());
-        return None;
-    }
-    panic!("shared test data not found at {} (set TERN_TESTDATA)", dir.display());
+    dir
 }
