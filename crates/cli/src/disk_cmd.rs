@@ -40,9 +40,11 @@ pub enum DiskCommand {
         src: PathBuf,
         /// Destination path (must not exist unless --overwrite).
         dst: PathBuf,
-        /// Output format. `azure` is a fixed VHD sized up to a whole MiB.
+        /// Output format. `azure` is a fixed VHD sized up to a whole MiB. Without it, the
+        /// format is taken from --azure, else from DST's name: .qcow2, .vhd (dynamic, as
+        /// qemu-img's vpc), .vhdx, .raw or .img.
         #[arg(short = 'O', long = "output-format", value_enum)]
-        output_format: OutFormat,
+        output_format: Option<OutFormat>,
         /// Produce what Azure accepts as an uploaded disk (same as -O azure).
         #[arg(long)]
         azure: bool,
@@ -164,13 +166,16 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
             no_sync,
             open: o,
         } => {
-            let fmt = if azure { OutFormat::Azure } else { output_format };
-            if azure && !matches!(output_format, OutFormat::Azure | OutFormat::VhdFixed | OutFormat::Vhd) {
-                bail!(
-                    "--azure produces a fixed VHD; it cannot be combined with -O {}",
-                    out_name(output_format)
-                );
-            }
+            let fmt = match (azure, output_format) {
+                (true, None | Some(OutFormat::Azure | OutFormat::VhdFixed | OutFormat::Vhd)) => {
+                    OutFormat::Azure
+                }
+                (true, Some(other)) => {
+                    bail!("--azure produces a fixed VHD; it cannot be combined with -O {}", out_name(other))
+                }
+                (false, Some(f)) => f,
+                (false, None) => format_from_destination(&dst)?,
+            };
             let create = match fmt {
                 OutFormat::Raw => CreateFormat::Raw,
                 OutFormat::Qcow2 => {
@@ -224,15 +229,30 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
                 CompareOutcome::Differs { offset } => (false, Some(offset)),
             };
             if json {
-                println!("{}", serde_json::json!({ "identical": identical, "first_difference": offset }));
+                crate::print_json(&CompareReport { identical, first_difference: offset })?;
             } else if let Some(off) = offset {
-                println!("Content mismatch at offset {off}!");
+                outln!("Content mismatch at offset {off}!");
             } else {
-                println!("Images are identical.");
+                outln!("Images are identical.");
             }
             Ok(if identical { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
+}
+
+/// The output format DST's name asks for, when -O and --azure are both absent.
+fn format_from_destination(dst: &Path) -> Result<OutFormat> {
+    let ext = dst.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    Ok(match ext.as_deref() {
+        Some("qcow2") => OutFormat::Qcow2,
+        Some("vhd") => OutFormat::Vhd,
+        Some("vhdx") => OutFormat::Vhdx,
+        Some("raw" | "img") => OutFormat::Raw,
+        _ => bail!(
+            "which output format? {} does not say (.qcow2, .vhd, .vhdx, .raw, .img): give -O raw|qcow2|vhd|vhd-fixed|vhdx|azure",
+            dst.display()
+        ),
+    })
 }
 
 fn out_name(f: OutFormat) -> &'static str {
@@ -250,38 +270,46 @@ fn info(path: &Path, options: &OpenOptions, json: bool) -> Result<ExitCode> {
     let disk = open(path, options)?;
     let info = disk.info()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        crate::print_json(&info)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("image: {}", path.display());
-    println!("format: {} ({})", info.format, info.subformat);
-    println!("virtual size: {} ({} bytes)", ByteSize(info.virtual_size), info.virtual_size);
-    println!("file size: {} ({} bytes)", ByteSize(info.file_size), info.file_size);
-    println!("disk size: {}", ByteSize(info.allocated_bytes));
+    outln!("image: {}", path.display());
+    outln!("format: {} ({})", info.format, info.subformat);
+    outln!("virtual size: {} ({} bytes)", ByteSize(info.virtual_size), info.virtual_size);
+    outln!("file size: {} ({} bytes)", ByteSize(info.file_size), info.file_size);
+    outln!("disk size: {}", ByteSize(info.allocated_bytes));
     if let Some(c) = info.cluster_size {
         let label = if info.format == Format::Qcow2 { "cluster size" } else { "block size" };
-        println!("{label}: {} ({c} bytes)", ByteSize(c));
+        outln!("{label}: {} ({c} bytes)", ByteSize(c));
     }
     if info.logical_sector_size != 512 {
-        println!("logical sector size: {}", info.logical_sector_size);
+        outln!("logical sector size: {}", info.logical_sector_size);
     }
     if let Some(b) = &info.backing {
         let state = match &b.opened {
             Some(p) => format!("opened: {}", p.display()),
             None => "not opened".to_string(),
         };
-        println!("backing file: {} ({state})", b.name);
+        outln!("backing file: {} ({state})", b.name);
         if let Some(f) = &b.format {
-            println!("backing file format: {f}");
+            outln!("backing file format: {f}");
         }
         for l in b.locators.iter().filter(|l| **l != b.name) {
-            println!("parent locator: {l}");
+            outln!("parent locator: {l}");
         }
     }
     for (k, v) in &info.details {
-        println!("{k}: {v}");
+        outln!("{k}: {v}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `tern disk compare --json`.
+#[derive(Serialize)]
+struct CompareReport {
+    identical: bool,
+    /// The first guest offset whose bytes differ.
+    first_difference: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -295,6 +323,14 @@ struct MapEntry {
 
 fn map(path: &Path, options: &OpenOptions, json: bool) -> Result<ExitCode> {
     let disk = open(path, options)?;
+    if let Some(b) = disk.info()?.backing.filter(|b| b.opened.is_none()) {
+        eprintln!(
+            "tern: warning: {} has a backing file {:?} that was not opened: its ranges show as \
+             unallocated here (pass --allow-backing to map them through it)",
+            path.display(),
+            b.name
+        );
+    }
     let runs = tern_disk::collect_map(disk.as_ref())?;
     if json {
         let entries: Vec<MapEntry> = runs
@@ -307,16 +343,16 @@ fn map(path: &Path, options: &OpenOptions, json: bool) -> Result<ExitCode> {
                 zero: m.kind.reads_as_zero(),
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&entries)?);
+        crate::print_json(&entries)?;
     } else {
-        println!("{:<20}{:<20}Kind", "Offset", "Length");
+        outln!("{:<20}{:<20}Kind", "Offset", "Length");
         for m in runs {
             let kind = match m.kind {
                 MapKind::Data => "data",
                 MapKind::Zero => "zero",
                 MapKind::Unallocated => "unallocated",
             };
-            println!("{:<#20x}{:<#20x}{kind}", m.start, m.length);
+            outln!("{:<#20x}{:<#20x}{kind}", m.start, m.length);
         }
     }
     Ok(ExitCode::SUCCESS)

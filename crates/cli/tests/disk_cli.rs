@@ -169,3 +169,115 @@ fn convert_no_sync_writes_the_same_image_in_every_format() {
         ]);
     }
 }
+
+#[test]
+fn files_that_are_not_disks_are_refused_unless_said_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, b"this is not a disk :-)\n").unwrap();
+    let o = tern(&["disk", "info", text.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("23 bytes"), "{}", stderr(&o));
+    // A fixed VHD that lost its footer: refused by its name, read with -f raw.
+    let vhd = dir.path().join("cut.vhd");
+    qemu(&["qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=fixed", vhd.to_str().unwrap(), "4M"]);
+    let len = std::fs::metadata(&vhd).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&vhd).unwrap().set_len(len - 512).unwrap();
+    let o = tern(&["disk", "info", vhd.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("the name says vhd"), "{}", stderr(&o));
+    let dst = dir.path().join("out.qcow2");
+    let o = tern(&["disk", "convert", vhd.to_str().unwrap(), dst.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(!dst.exists());
+    let o = tern(&["disk", "info", "-f", "raw", "--json", vhd.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Through `vm add` too, with the flag to give.
+    let data = dir.path().join("data");
+    let o = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["vm", "add", "web", "--disk", vhd.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("(--format raw)"), "{}", stderr(&o));
+    let o = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["vm", "add", "web", "--format", "raw", "--disk", vhd.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn map_says_when_a_backing_file_was_not_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", base.to_str().unwrap(), "4M"]);
+    qemu(&["qemu-io", "-c", "write -P 0x22 0 1M", base.to_str().unwrap()]);
+    qemu(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    for json in [false, true] {
+        let mut args = vec!["disk", "map", top.to_str().unwrap()];
+        if json {
+            args.push("--json");
+        }
+        let o = tern(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains("base.qcow2") && err.contains("not opened") && err.contains("--allow-backing"),
+            "{err}"
+        );
+        args.push("--allow-backing");
+        let o = tern(&args);
+        assert!(o.status.success() && stderr(&o).is_empty(), "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn convert_takes_the_output_format_from_azure_or_the_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    raw_with_data(&src, "3M", &["write -P 0x33 1M 64K"]);
+    let info = |p: &Path| -> serde_json::Value {
+        let o = tern(&["disk", "info", "--json", p.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str(&stdout(&o)).unwrap()
+    };
+    let az = dir.path().join("azure.vhd");
+    let o = tern(&["disk", "convert", src.to_str().unwrap(), az.to_str().unwrap(), "--azure"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(info(&az)["subformat"], "fixed");
+    for (name, format, sub) in [
+        ("a.qcow2", "qcow2", None),
+        ("a.vhd", "vhd", Some("dynamic")),
+        ("a.vhdx", "vhdx", None),
+        ("a.img", "raw", None),
+    ] {
+        let dst = dir.path().join(name);
+        let o = tern(&["disk", "convert", src.to_str().unwrap(), dst.to_str().unwrap()]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let i = info(&dst);
+        assert_eq!(i["format"], format, "{name}");
+        if let Some(sub) = sub {
+            assert_eq!(i["subformat"], sub, "{name}");
+        }
+    }
+    let o = tern(&["disk", "convert", src.to_str().unwrap(), dir.path().join("noext").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("give -O"), "{}", stderr(&o));
+}

@@ -125,6 +125,10 @@ fn a_closed_pipe_ends_every_command_quietly() {
         &["throttle", "show"],
         &["key", "export"],
     ];
+    let img = img.to_str().unwrap();
+    let disk_cmds: &[&[&str]] =
+        &[&["disk", "map", img], &["disk", "info", img], &["disk", "map", "--json", img]];
+    let cmds = cmds.iter().chain(disk_cmds);
     for args in cmds {
         let o = run_into_closed_pipe(tern(&data).args(*args));
         let err = String::from_utf8_lossy(&o.stderr);

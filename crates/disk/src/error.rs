@@ -16,6 +16,10 @@ pub enum ErrorKind {
     InvalidInput,
     /// A backing file or parent is missing, refused, or forms a loop.
     Backing,
+    /// The file is not an image of the format its name says (`web.vhd` without a VHD
+    /// footer, say), or not a disk at all (a raw file that is not whole sectors). Give
+    /// the format explicitly if the content is right after all.
+    NotADisk,
     /// The operating system refused an operation.
     Io,
 }

@@ -42,7 +42,7 @@ use serde::Serialize;
 pub use aligned::{AlignedBuf, DIRECT_ALIGN};
 pub use compare::{compare, CompareOutcome};
 pub use convert::{convert, is_zero, write_nonzero, ConvertOptions, ConvertProgress};
-pub use detect::{detect_format, open_disk};
+pub use detect::{detect_format, format_from_name, open_disk};
 pub use error::{Error, ErrorKind, Result};
 pub use io::ImageFile;
 pub use mapping::{collect_map, MapKind, Mapping};

@@ -98,3 +98,76 @@ fn direct_and_buffered_writes_mix_into_one_exact_image() {
         assert!(got == expected, "{format:?}: content differs");
     }
 }
+
+mod not_a_disk {
+    use std::path::Path;
+
+    use tern_disk::{open_disk, ErrorKind, Format, OpenOptions};
+
+    fn err(path: &Path, format: Option<Format>) -> tern_disk::Error {
+        match open_disk(path, &OpenOptions { format, ..OpenOptions::read_only() }) {
+            Ok(_) => panic!("{} opened", path.display()),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_name_that_promises_a_format_must_hold_it() {
+        let d = tempfile::tempdir().unwrap();
+        // A VHD that lost its footer: the data of a fixed VHD without its last 512 bytes.
+        let vhd = d.path().join("web.vhd");
+        let o = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "vpc", "-o", "subformat=fixed"])
+            .arg(&vhd)
+            .arg("4M")
+            .output()
+            .expect("qemu-img runs (scripts/deps installs qemu-utils)");
+        assert!(o.status.success());
+        let len = std::fs::metadata(&vhd).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&vhd).unwrap().set_len(len - 512).unwrap();
+        let e = err(&vhd, None);
+        assert_eq!(e.kind(), ErrorKind::NotADisk);
+        let m = e.to_string();
+        assert!(m.contains("web.vhd") && m.contains("the name says vhd") && m.contains("conectix"), "{m}");
+        // Said to be raw, it is one: the VHD's data, whole sectors.
+        let disk =
+            open_disk(&vhd, &OpenOptions { format: Some(Format::Raw), ..OpenOptions::read_only() }).unwrap();
+        assert_eq!(disk.virtual_size(), len - 512);
+
+        // Random bytes named .qcow2 / .vhdx; a qcow2 named .vhdx says what it is.
+        for name in ["random.qcow2", "random.VHDX", "random.avhdx"] {
+            let p = d.path().join(name);
+            std::fs::write(&p, vec![0x5a; 1 << 20]).unwrap();
+            let e = err(&p, None);
+            assert_eq!(e.kind(), ErrorKind::NotADisk, "{name}: {e}");
+        }
+        let q = d.path().join("real.vhdx");
+        let o = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&q)
+            .arg("1M")
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let m = err(&q, None).to_string();
+        assert!(m.contains("the name says vhdx") && m.contains("its content is a qcow2 image"), "{m}");
+    }
+
+    #[test]
+    fn a_raw_disk_is_whole_sectors() {
+        let d = tempfile::tempdir().unwrap();
+        let text = d.path().join("notes.txt");
+        std::fs::write(&text, b"this is not a disk :-)\n").unwrap();
+        for format in [None, Some(Format::Raw)] {
+            let e = err(&text, format);
+            assert_eq!(e.kind(), ErrorKind::NotADisk);
+            assert!(e.to_string().contains("23 bytes"), "{e}");
+        }
+        let odd = d.path().join("odd.img");
+        std::fs::write(&odd, vec![0; 1000]).unwrap();
+        assert_eq!(err(&odd, None).kind(), ErrorKind::NotADisk);
+        let whole = d.path().join("whole.img");
+        std::fs::write(&whole, vec![0; 1024]).unwrap();
+        assert_eq!(open_disk(&whole, &OpenOptions::read_only()).unwrap().virtual_size(), 1024);
+    }
+}

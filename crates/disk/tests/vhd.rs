@@ -592,8 +592,9 @@ fn qemu_vpc_has_no_check_so_compare_is_the_oracle() {
 fn azure_output_is_a_fixed_vhd_of_whole_mebibytes() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("src.raw");
-    let size = 5 * MIB + 12345;
-    make_raw(&raw, size, &[(0, 4096, 1), (5 * MIB, 12345, 2)]);
+    // Not a whole MiB (a raw disk is whole sectors).
+    let size = 5 * MIB + 12288;
+    make_raw(&raw, size, &[(0, 4096, 1), (5 * MIB, 12288, 2)]);
     let src = open(&raw);
     // What `tern disk convert --azure` (= `-O azure`) asks of the library.
     let out_size = size.div_ceil(MIB) * MIB;

@@ -70,7 +70,9 @@ impl From<tern_disk::Error> for Error {
     fn from(e: tern_disk::Error) -> Self {
         let kind = match e.kind() {
             tern_disk::ErrorKind::Io => ErrorKind::Io,
-            tern_disk::ErrorKind::InvalidInput | tern_disk::ErrorKind::Unsupported => ErrorKind::InvalidInput,
+            tern_disk::ErrorKind::InvalidInput
+            | tern_disk::ErrorKind::Unsupported
+            | tern_disk::ErrorKind::NotADisk => ErrorKind::InvalidInput,
             _ => ErrorKind::Corrupt,
         };
         Error::new(kind, e.to_string())

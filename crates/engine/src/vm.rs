@@ -150,8 +150,8 @@ pub fn register_vm(engine: &crate::Engine, vm: VmDef) -> Result<VmDef> {
         let o = tern_disk::OpenOptions { allow_backing: true, format: d.format, ..Default::default() };
         let format = d.format;
         let disk = tern_disk::open_disk(&d.path, &o).map_err(|e| {
-            let hint = if format.is_none() && e.kind() == tern_disk::ErrorKind::InvalidInput {
-                " (if it is a raw disk, say so with --format raw)"
+            let hint = if format.is_none() && e.kind() == tern_disk::ErrorKind::NotADisk {
+                " (--format raw)"
             } else {
                 ""
             };

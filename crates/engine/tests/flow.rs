@@ -26,8 +26,8 @@ fn round_trip_to_every_format() {
     let src = h.root.join("web.raw");
     tern_engine::sample::write_sample_disk(&src, 40 << 20, 7).unwrap();
     let src2 = h.root.join("data2.raw");
-    // A size that is not a whole number of chunks or MiB.
-    std::fs::write(&src2, b"tail".repeat(300_001)).unwrap();
+    // A size that is not a whole number of chunks or MiB (whole sectors, as raw disks are).
+    std::fs::write(&src2, b"tail".repeat(300_032)).unwrap();
     // Sparse: a hole, 64 KiB of data at 20 MiB, a hole: mostly zero chunks, not read.
     let src3 = h.root.join("sparse.raw");
     {
