@@ -18,7 +18,7 @@ async fn latest_manifest(store: &Store, key: &Key, vm_id: &str) -> Result<Option
     let Some(last) = points.last() else { return Ok(None) };
     let env = store.get_manifest(vm_id, last).await?;
     Ok(Some(
-        Manifest::open(key, &env)
+        Manifest::open(key, &env, vm_id, last)
             .map_err(|e| e.context(format!("manifest of point {last} of VM {vm_id}")))?,
     ))
 }
@@ -63,13 +63,8 @@ pub async fn list_points(engine: &Engine, store: &Store, key: &Key, vm_id: &str)
     let mut out = Vec::new();
     for p in store.list_points(vm_id).await? {
         let env = store.get_manifest(vm_id, &p).await?;
-        let manifest = Manifest::open(key, &env).map_err(|e| e.context(format!("manifest of point {p}")))?;
-        if manifest.point_id != p || manifest.vm.id != vm_id {
-            return Err(Error::corrupt(format!(
-                "manifest stored as point {p} of VM {vm_id} describes point {} of VM {}",
-                manifest.point_id, manifest.vm.id
-            )));
-        }
+        let manifest =
+            Manifest::open(key, &env, vm_id, &p).map_err(|e| e.context(format!("manifest of point {p}")))?;
         let json = serde_json::to_string(&manifest).map_err(|e| Error::invalid(e.to_string()))?;
         engine.db().cache_point(&PointRow {
             vm_id: vm_id.to_string(),

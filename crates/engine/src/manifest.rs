@@ -112,11 +112,24 @@ impl Manifest {
     }
 
     /// Open an envelope and check every field that later code relies on.
-    pub fn open(key: &Key, envelope: &[u8]) -> Result<Manifest> {
+    ///
+    /// `vm_id` and `point_id` name the place it was read from: a manifest is bound to
+    /// it. A valid manifest copied or moved under another point's or VM's name (a
+    /// rollback dressed as the latest point, another VM's disks under this VM's name)
+    /// authenticates, so the ids it carries are checked against the place, and a
+    /// mismatch is `Corrupt`, naming both. Every reader goes through here.
+    pub fn open(key: &Key, envelope: &[u8], vm_id: &str, point_id: &str) -> Result<Manifest> {
         let json = open_envelope(key, ObjectKind::Manifest, envelope)?;
         let m: Manifest = serde_json::from_slice(&json)
             .map_err(|e| Error::corrupt(format!("manifest is not valid: {e}")))?;
         m.check()?;
+        if m.vm.id != vm_id || m.point_id != point_id {
+            return Err(Error::corrupt(format!(
+                "the manifest stored as point {point_id} of VM {vm_id} describes point {} of VM {} ({}): \
+                 it was copied or moved there, and is refused",
+                m.point_id, m.vm.id, m.vm.name
+            )));
+        }
         Ok(m)
     }
 
@@ -165,6 +178,9 @@ impl Manifest {
 mod tests {
     use super::*;
 
+    const VM: &str = "ab";
+    const POINT: &str = "20260102T030405Z-0a1b2c3d";
+
     #[test]
     fn point_ids_sort_by_time_and_check() {
         let t1 = time::macros::datetime!(2026-01-02 03:04:05 UTC);
@@ -185,10 +201,10 @@ mod tests {
         let m = Manifest {
             format: MANIFEST_FORMAT.into(),
             version: 1,
-            point_id: "20260102T030405Z-0a1b2c3d".into(),
+            point_id: POINT.into(),
             instant: "2026-01-02T03:04:05Z".into(),
             vm: ManifestVm {
-                id: "ab".into(),
+                id: VM.into(),
                 name: "web".into(),
                 cpus: 2,
                 memory_bytes: 1 << 30,
@@ -207,25 +223,34 @@ mod tests {
             }],
         };
         let env = m.seal(&key).unwrap();
-        assert_eq!(Manifest::open(&key, &env).unwrap(), m);
-        assert!(Manifest::open(&Key::from_bytes([4; 32]), &env).is_err());
+        assert_eq!(Manifest::open(&key, &env, VM, POINT).unwrap(), m);
+        assert!(Manifest::open(&Key::from_bytes([4; 32]), &env, VM, POINT).is_err());
+        // Bound to its place: read under another point's or VM's name, it is refused.
+        for (vm, point) in [(VM, "20260102T030405Z-ffffffff"), ("cd", POINT)] {
+            let e = Manifest::open(&key, &env, vm, point).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
+            assert!(e.to_string().contains("copied or moved"), "{e}");
+        }
         let mut bad = m.clone();
         bad.version = 2;
-        assert!(Manifest::open(&key, &bad.seal(&key).unwrap())
+        assert!(Manifest::open(&key, &bad.seal(&key).unwrap(), VM, POINT)
             .unwrap_err()
             .to_string()
             .contains("version 2"));
         let mut bad = m.clone();
         bad.disks[0].chunk_count = 2;
-        assert!(Manifest::open(&key, &bad.seal(&key).unwrap()).is_err());
+        assert!(Manifest::open(&key, &bad.seal(&key).unwrap(), VM, POINT).is_err());
         let mut bad = m.clone();
         bad.disks[0].sha256 = Some("AB".repeat(32));
-        assert!(Manifest::open(&key, &bad.seal(&key).unwrap()).unwrap_err().to_string().contains("sha256"));
+        assert!(Manifest::open(&key, &bad.seal(&key).unwrap(), VM, POINT)
+            .unwrap_err()
+            .to_string()
+            .contains("sha256"));
         // Written before the field existed: still reads, as None.
         let mut old = m;
         old.disks[0].sha256 = None;
         let json = serde_json::to_string(&old).unwrap();
         assert!(!json.contains("sha256"));
-        assert_eq!(Manifest::open(&key, &old.seal(&key).unwrap()).unwrap(), old);
+        assert_eq!(Manifest::open(&key, &old.seal(&key).unwrap(), VM, POINT).unwrap(), old);
     }
 }

@@ -248,8 +248,8 @@ pub fn migrate(
         }
     };
     let env = rt.block_on(store.get_manifest(&vm_id, &point_id))?;
-    let manifest =
-        Manifest::open(&key, &env).map_err(|e| e.context(format!("manifest of point {point_id}")))?;
+    let manifest = Manifest::open(&key, &env, &vm_id, &point_id)
+        .map_err(|e| e.context(format!("manifest of point {point_id}")))?;
 
     std::fs::create_dir_all(&opts.out_dir)
         .map_err(|e| Error::io(format!("creating {}", opts.out_dir.display()), e))?;

@@ -221,7 +221,8 @@ pub fn replicate(
         .map_err(|e| Error::from(e).context("checking for the manifest"))?;
     let manifest = if committed {
         let env = rt.block_on(store.get_manifest(&vm.id, &repl.point_id))?;
-        Manifest::open(&key, &env).map_err(|e| e.context(format!("manifest of point {}", repl.point_id)))?
+        Manifest::open(&key, &env, &vm.id, &repl.point_id)
+            .map_err(|e| e.context(format!("manifest of point {}", repl.point_id)))?
     } else {
         // Indexes, then the manifest: the commit point.
         let mut mdisks = Vec::new();

@@ -95,7 +95,7 @@ pub fn verify(engine: &Engine, opts: &VerifyOptions) -> Result<VerifyReport> {
             let manifest = rt
                 .block_on(store.get_manifest(&vm_id, &point))
                 .map_err(crate::Error::from)
-                .and_then(|env| Manifest::open(&key, &env));
+                .and_then(|env| Manifest::open(&key, &env, &vm_id, &point));
             let manifest = match manifest {
                 Ok(m) => m,
                 Err(e) => {

@@ -239,7 +239,11 @@ fn read_manifest(h: &support::Host) -> (PathBuf, tern_engine::Manifest) {
         .find(|p| p.file_name().is_some_and(|n| n == "manifest"))
         .expect("a manifest in the store");
     let key = h.engine.load_key().unwrap();
-    let m = tern_engine::Manifest::open(&key, &std::fs::read(&path).unwrap()).unwrap();
+    // .../vms/<vm id>/points/<point id>/manifest: the place it is bound to.
+    let name = |p: &std::path::Path| p.file_name().unwrap().to_str().unwrap().to_string();
+    let point_dir = path.parent().unwrap();
+    let (point, vm) = (name(point_dir), name(point_dir.parent().unwrap().parent().unwrap()));
+    let m = tern_engine::Manifest::open(&key, &std::fs::read(&path).unwrap(), &vm, &point).unwrap();
     (path, m)
 }
 
