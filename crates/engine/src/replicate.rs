@@ -796,25 +796,18 @@ fn process_chunk(
         }
         part
     };
-    let mut attempt = 0;
-    // Bounded retries of transient failures, with a growing pause. The throttle admits
-    // the chunk part by part as it goes to the store (one plain put when unlimited); a
-    // retry sends, and pays for, the bytes again.
-    loop {
-        match ctx.rt.block_on(ctx.store.put_chunk_paced(&address, env.clone(), &pacer)) {
-            Ok(()) => {
-                out.credited = credited.load(Ordering::Relaxed);
-                return Ok(out);
-            }
-            Err(e) if e.kind() == tern_store::ErrorKind::Transient && attempt < 4 => {
-                attempt += 1;
-                std::thread::sleep(Duration::from_millis(250 << attempt));
-            }
-            Err(e) => {
-                // The run stops; the chunk is not done, so take its credit back.
-                ctx.live.fetch_sub(credited.load(Ordering::Relaxed), Ordering::Relaxed);
-                return Err(e.into());
-            }
+    // Retries are the store's (one policy, in crates/store/src/backend.rs): a failure
+    // that reaches here has had them, and ends the run; its chunks in flight are sent
+    // again when the run is resumed.
+    match ctx.rt.block_on(ctx.store.put_chunk_paced(&address, env, &pacer)) {
+        Ok(()) => {
+            out.credited = credited.load(Ordering::Relaxed);
+            Ok(out)
+        }
+        Err(e) => {
+            // The chunk is not done: take its credit back from the live progress.
+            ctx.live.fetch_sub(credited.load(Ordering::Relaxed), Ordering::Relaxed);
+            Err(e.into())
         }
     }
 }

@@ -70,10 +70,14 @@ impl Error {
             ErrorKind::NotFound => "not found".to_string(),
             ErrorKind::AlreadyExists => "already exists; objects are never replaced".to_string(),
             ErrorKind::Full => format!("{operation} failed: no space left in the store: {err}"),
-            ErrorKind::Transient => {
-                format!("{operation} failed (transient, retries exhausted): {err}")
+            ErrorKind::Transient => format!(
+                "{operation} failed after {} retries: {err} (a transient failure: running the command \
+                 again later may succeed)",
+                crate::backend::retry_config().max_retries
+            ),
+            ErrorKind::Auth => {
+                format!("{operation} failed: access refused: {err} (retrying will not help: check the credentials)")
             }
-            ErrorKind::Auth => format!("{operation} failed: access refused: {err}"),
             ErrorKind::InvalidInput | ErrorKind::Other => format!("{operation} failed: {err}"),
         };
         Error::at(kind, url, object, problem)
