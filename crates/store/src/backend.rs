@@ -180,16 +180,86 @@ pub(crate) fn open(url: &str, target: &Target, env: &Env) -> Result<(Arc<dyn Obj
             Ok((local.clone(), Parts::Staged(local)))
         }
         Target::Azure { container, prefix } => {
+            check_azure_credentials(url, env)?;
             let builder = azure_builder(url, container, env)?;
             let azure = builder.build().map_err(failed)?;
             Ok((with_prefix(azure, prefix), Parts::Body))
         }
         Target::S3 { bucket, prefix } => {
+            check_s3_credentials(url, env)?;
             let builder = s3_builder(url, bucket, env)?;
             let s3 = builder.build().map_err(failed)?;
             Ok((with_prefix(s3, prefix), Parts::Body))
         }
     }
+}
+
+/// Credentials for an S3 store must be in the environment (docs/stores.md): static keys,
+/// a web identity token, or container credentials. Without them object_store would ask
+/// the cloud's instance metadata address and fail with a refused connection that says
+/// nothing of credentials; that source is used only when `TERN_S3_INSTANCE_CREDENTIALS=1`
+/// says this host is a cloud instance with a role.
+fn check_s3_credentials(url: &str, env: &Env) -> Result<()> {
+    let (id, secret) = (env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"));
+    let missing = match (id, secret) {
+        (Some(_), Some(_)) => return Ok(()),
+        (Some(_), None) => "AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not",
+        (None, Some(_)) => "AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not",
+        (None, None) => {
+            let other = [
+                "AWS_WEB_IDENTITY_TOKEN_FILE",
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            ];
+            if other.iter().any(|k| env.get(k).is_some()) || env.flag("TERN_S3_INSTANCE_CREDENTIALS") {
+                return Ok(());
+            }
+            "no S3 credentials in the environment"
+        }
+    };
+    Err(Error::new(
+        ErrorKind::InvalidInput,
+        format!(
+            "store {url}: {missing}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with AWS_SESSION_TOKEN \
+             for temporary keys; AWS_REGION, and AWS_ENDPOINT_URL for an S3-compatible server), or \
+             TERN_S3_INSTANCE_CREDENTIALS=1 on a cloud instance with a role (see docs/stores.md)"
+        ),
+    ))
+}
+
+/// An Azure store needs an account and a credential from the environment (docs/stores.md),
+/// or `AZURE_STORAGE_USE_EMULATOR=1` for Azurite.
+fn check_azure_credentials(url: &str, env: &Env) -> Result<()> {
+    if env.flag("AZURE_STORAGE_USE_EMULATOR") {
+        return Ok(());
+    }
+    let account = env.get("AZURE_STORAGE_ACCOUNT_NAME").is_some();
+    let credential = [
+        "AZURE_STORAGE_ACCOUNT_KEY",
+        "AZURE_STORAGE_ACCESS_KEY",
+        "AZURE_STORAGE_MASTER_KEY",
+        "AZURE_STORAGE_SAS_KEY",
+        "AZURE_STORAGE_SAS_TOKEN",
+        "AZURE_STORAGE_TOKEN",
+        "AZURE_CLIENT_SECRET",
+        "AZURE_FEDERATED_TOKEN_FILE",
+    ]
+    .iter()
+    .any(|k| env.get(k).is_some())
+        || env.flag("AZURE_USE_AZURE_CLI");
+    let missing = match (account, credential) {
+        (true, true) => return Ok(()),
+        (false, _) => "AZURE_STORAGE_ACCOUNT_NAME is not set",
+        (true, false) => "no credential for the account in the environment",
+    };
+    Err(Error::new(
+        ErrorKind::InvalidInput,
+        format!(
+            "store {url}: {missing}: set AZURE_STORAGE_ACCOUNT_NAME and one of AZURE_STORAGE_ACCOUNT_KEY, \
+             AZURE_STORAGE_SAS_KEY, or AZURE_CLIENT_ID + AZURE_CLIENT_SECRET + AZURE_TENANT_ID \
+             (AZURE_STORAGE_USE_EMULATOR=1 for Azurite; see docs/stores.md)"
+        ),
+    ))
 }
 
 fn with_prefix<S: ObjectStore>(store: S, prefix: &Option<Path>) -> Arc<dyn ObjectStore> {
@@ -314,6 +384,44 @@ fn check_endpoint(
 
 #[cfg(test)]
 mod tests {
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        Env::from_pairs(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn missing_credentials_are_named_before_any_request() {
+        let s3 = |pairs: &[(&str, &str)]| check_s3_credentials("s3://b/p", &env(pairs));
+        let e = s3(&[]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        let m = e.to_string();
+        assert!(
+            m.contains("no S3 credentials")
+                && m.contains("AWS_ACCESS_KEY_ID")
+                && m.contains("AWS_SECRET_ACCESS_KEY"),
+            "{m}"
+        );
+        assert!(s3(&[("AWS_ACCESS_KEY_ID", "k")])
+            .unwrap_err()
+            .to_string()
+            .contains("AWS_SECRET_ACCESS_KEY is not"));
+        s3(&[("AWS_ACCESS_KEY_ID", "k"), ("AWS_SECRET_ACCESS_KEY", "s")]).unwrap();
+        s3(&[("TERN_S3_INSTANCE_CREDENTIALS", "1")]).unwrap();
+        let az = |pairs: &[(&str, &str)]| check_azure_credentials("az://c/p", &env(pairs));
+        let m = az(&[]).unwrap_err().to_string();
+        assert!(
+            m.contains("AZURE_STORAGE_ACCOUNT_NAME is not set") && m.contains("AZURE_STORAGE_ACCOUNT_KEY"),
+            "{m}"
+        );
+        let m = az(&[("AZURE_STORAGE_ACCOUNT_NAME", "a")]).unwrap_err().to_string();
+        assert!(m.contains("no credential"), "{m}");
+        az(&[("AZURE_STORAGE_ACCOUNT_NAME", "a"), ("AZURE_STORAGE_ACCOUNT_KEY", "k")]).unwrap();
+        az(&[("AZURE_STORAGE_USE_EMULATOR", "true")]).unwrap();
+        // Through the one entry point: no request is made, the store does not open.
+        let e = crate::Store::open_with_env("s3://bucket/x", Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("AWS_ACCESS_KEY_ID"), "{e}");
+    }
+
     use super::*;
 
     fn err(url: &str) -> String {
