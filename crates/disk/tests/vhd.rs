@@ -16,6 +16,7 @@ use tern_disk::{
 };
 
 const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -622,6 +623,90 @@ fn azure_output_is_a_fixed_vhd_of_whole_mebibytes() {
     assert_eq!(u32::from_be_bytes(f[64..68].try_into().unwrap()), vhd_checksum(&zeroed));
     assert_eq!(qemu_virtual_size(&out), out_size);
     run(std::process::Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "vpc", s(&raw), s(&out)]));
+}
+
+/// The size at which the CHS geometry of the VHD specification stops growing
+/// (65535 cylinders × 16 heads × 255 sectors): about 127.5 GiB.
+const CHS_LIMIT: u64 = 65535 * 16 * 255 * 512;
+
+/// What one reader made of one image: its virtual size, and whether the last sector of
+/// the source (and of the output, when that is larger) reads back.
+fn reader_view(size_of: impl Fn() -> u64, read_ok: impl Fn(&str) -> bool, src: u64, out: u64) -> String {
+    let size = size_of();
+    let mut reads = vec![format!("read -P 0xa5 {} 512", src - 512)];
+    if out > src {
+        reads.push(format!("read -P 0 {} 512", out - 512));
+    }
+    let last =
+        if reads.iter().all(|r| read_ok(r)) { "last sector reads back" } else { "LAST SECTOR UNREADABLE" };
+    format!("{size} ({last})")
+}
+
+fn io_ok(qemu_io: &Path, img: &Path, cmd: &str) -> bool {
+    let out =
+        std::process::Command::new(qemu_io).args(["-r", "-f", "vpc", "-c", cmd, s(img)]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status.success() && !text.contains("failed") && text.contains("read 512/512 bytes")
+}
+
+#[test]
+fn tern_vhds_have_the_same_size_in_qemu_7_2_and_qemu_10() {
+    // QEMU 7.2 (Debian 12) sizes a VHD by its CHS geometry unless its creator is one
+    // it knows to store an exact current size; QEMU 10 uses the current size for every
+    // creator but Virtual PC's and old QEMU's. A VHD tern writes must be the size tern
+    // says to both, fixed, dynamic and Azure, below the CHS limit (where the geometry
+    // addresses less than the disk) and above it (where it is the maximum).
+    let Some(old) = common::old_qemu::old_qemu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sizes =
+        [GIB, 10 * MIB + 3 * 512, 127 * GIB, CHS_LIMIT - 512, CHS_LIMIT, 128 * GIB, 200 * GIB + 7 * 512];
+    let mut wrong = Vec::new();
+    for size in sizes {
+        // Sparse: only the first and last sectors are written.
+        let raw = dir.path().join(format!("src-{size}.raw"));
+        make_raw(&raw, size, &[(0, 512, 0x5a), (size - 512, 512, 0xa5)]);
+        let src = open(&raw);
+        for kind in ["fixed", "dynamic", "azure"] {
+            let (format, out_size) = match kind {
+                "fixed" => (CreateFormat::VhdFixed, size),
+                "dynamic" => (CreateFormat::VhdDynamic, size),
+                // What `tern disk convert -O azure` asks of the library.
+                _ => (CreateFormat::VhdFixed, size.div_ceil(MIB) * MIB),
+            };
+            let out = dir.path().join(format!("out-{size}-{kind}.vhd"));
+            convert(
+                src.as_ref(),
+                &out,
+                &ConvertOptions { format, virtual_size: Some(out_size), progress: None, sync: false },
+            )
+            .unwrap();
+            let tern = open(&out).virtual_size();
+            assert_eq!(tern, out_size, "{kind} {size}: tern's own size");
+            let expected = format!("{out_size} (last sector reads back)");
+            let new = reader_view(
+                || qemu_virtual_size(&out),
+                |cmd| io_ok(Path::new("qemu-io"), &out, cmd),
+                size,
+                out_size,
+            );
+            let seven = reader_view(
+                || old.virtual_size("vpc", &out),
+                |cmd| io_ok(&old.qemu_io, &out, cmd),
+                size,
+                out_size,
+            );
+            if new != expected || seven != expected {
+                wrong.push(format!("{kind} VHD of {out_size} bytes: QEMU 10 {new}; QEMU 7.2 {seven}"));
+            }
+            // Small disks: the whole content, as QEMU 7.2 reads it.
+            if size < 2 * GIB && seven == expected {
+                old.img(&["compare", "-q", "-f", "raw", "-F", "vpc", s(&raw), s(&out)]);
+            }
+            std::fs::remove_file(&out).unwrap();
+        }
+        std::fs::remove_file(&raw).unwrap();
+    }
+    assert!(wrong.is_empty(), "VHDs tern wrote that QEMU reads at another size:\n{}", wrong.join("\n"));
 }
 
 #[derive(Debug, Clone)]

@@ -141,6 +141,27 @@ fn checked_size(path: &Path, size: u64) -> Result<u64> {
     }
 }
 
+/// The geometry tern writes for a disk of `size` bytes: the specification's (appendix
+/// "CHS Calculation") when it addresses exactly `size`, else the maximum 65535/16/255.
+///
+/// Why: readers disagree on which field sizes a VHD. Hyper-V, Azure and QEMU 10 take the
+/// footer's current size for a creator like `tern`; QEMU up to 9 (Debian 12 ships 7.2,
+/// block/vpc.c `vpc_open`) takes cylinders x heads x sectors for every creator it does
+/// not list as a current-size one (`win `, `qem2`, `d2v `, `CTXS`, `tap\0`), which for
+/// most sizes is less than the disk (a 1 GiB disk reads as 1073479680 bytes) and cuts
+/// off its end, unless the geometry is the maximum, which every QEMU takes to mean "too
+/// large for CHS, use the current size". So a size CHS cannot express exactly gets the
+/// maximum geometry, and every reader sees the same size. (Only Virtual PC's BIOS, long
+/// discontinued, uses the geometry itself.)
+pub(crate) fn written_geometry(size: u64) -> Geometry {
+    let spec = Geometry::for_sectors(size / SECTOR);
+    if spec.total_sectors() * SECTOR == size {
+        spec
+    } else {
+        Geometry { cylinders: 65535, heads: 16, sectors_per_track: 255 }
+    }
+}
+
 fn new_footer(size: u64, disk_type: DiskType, data_offset: u64) -> Footer {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -158,7 +179,7 @@ fn new_footer(size: u64, disk_type: DiskType, data_offset: u64) -> Footer {
         creator_os: *b"Wi2k",
         original_size: size,
         current_size: size,
-        geometry: Geometry::for_sectors(size / SECTOR),
+        geometry: written_geometry(size),
         disk_type,
         unique_id: random_id(),
         saved_state: 0,

@@ -2,6 +2,8 @@
 //! fixtures made by other tools. Each test binary uses a different subset.
 #![allow(dead_code)]
 
+pub mod old_qemu;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
