@@ -84,6 +84,18 @@ pub struct StoreArg {
     store: Option<String>,
 }
 
+/// All three global options, for the commands that read a store (replicate, points,
+/// migrate, store verify).
+#[derive(Args, Clone, Default)]
+pub struct StoreOptions {
+    #[command(flatten)]
+    data: DataDirArg,
+    #[command(flatten)]
+    key: KeyFileArg,
+    #[command(flatten)]
+    store: StoreArg,
+}
+
 /// The global options in force for one command: those given after the command win
 /// over those given before it.
 #[derive(Clone, Default)]
@@ -101,6 +113,11 @@ impl GlobalArgs {
             key_file: key.and_then(|k| k.key_file.clone()).or_else(|| self.key_file.clone()),
             store: store.and_then(|s| s.store.clone()).or_else(|| self.store.clone()),
         }
+    }
+
+    /// These options with all three of a store command's laid over them.
+    pub fn with_store(&self, o: &StoreOptions) -> GlobalArgs {
+        self.with(&o.data, Some(&o.key), Some(&o.store))
     }
 
     /// Open the engine for a command that changes state (creates the data directory

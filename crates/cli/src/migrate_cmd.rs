@@ -11,7 +11,7 @@ use indicatif::{MultiProgress, ProgressBar};
 use tern_engine::{MigrateEvent, MigrateFormat, MigrateOptions, PointSelector};
 
 use crate::progress::bytes_bar;
-use crate::{print_json, DataDirArg, GlobalArgs, KeyFileArg, StoreArg};
+use crate::{print_json, GlobalArgs, StoreOptions};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum FormatArg {
@@ -65,11 +65,7 @@ pub struct MigrateArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    data: DataDirArg,
-    #[command(flatten)]
-    key: KeyFileArg,
-    #[command(flatten)]
-    store: StoreArg,
+    globals: StoreOptions,
 }
 
 /// Every chunk is verified; on any error no image is left and the exit status is 1.
@@ -88,7 +84,7 @@ pub fn run(g: &GlobalArgs, a: MigrateArgs) -> Result<ExitCode> {
         FormatArg::Vhdx => MigrateFormat::Vhdx,
         FormatArg::Azure => MigrateFormat::Azure,
     };
-    let engine = g.with(&a.data, Some(&a.key), Some(&a.store)).engine_read_only()?;
+    let engine = g.with_store(&a.globals).engine_read_only()?;
     let multi = MultiProgress::new();
     let bars: Mutex<HashMap<u32, ProgressBar>> = Mutex::new(HashMap::new());
     let observer = |ev: MigrateEvent| {

@@ -12,7 +12,7 @@ use tern_engine::{ReplicateEvent, ReplicateOptions};
 use tern_types::ByteSize;
 
 use crate::progress::bytes_bar;
-use crate::{print_json, DataDirArg, GlobalArgs, KeyFileArg, StoreArg};
+use crate::{print_json, DataDirArg, GlobalArgs, StoreOptions};
 
 #[derive(Args)]
 pub struct ReplicateArgs {
@@ -34,18 +34,14 @@ pub struct ReplicateArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    data: DataDirArg,
-    #[command(flatten)]
-    key: KeyFileArg,
-    #[command(flatten)]
-    store: StoreArg,
+    globals: StoreOptions,
 }
 
 /// Replicate: disks one after another, a progress bar per disk, a summary at the end.
 /// Interrupted runs resume where they stopped when run again.
 pub fn replicate(g: &GlobalArgs, a: ReplicateArgs) -> Result<ExitCode> {
     let threads = tern_engine::check_threads(a.threads)?;
-    let engine = g.with(&a.data, Some(&a.key), Some(&a.store)).engine()?;
+    let engine = g.with_store(&a.globals).engine()?;
     let throttle = engine.throttle();
     let multi = MultiProgress::new();
     let bars: Mutex<HashMap<u32, ProgressBar>> = Mutex::new(HashMap::new());
@@ -280,16 +276,12 @@ pub struct PointsArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    data: DataDirArg,
-    #[command(flatten)]
-    key: KeyFileArg,
-    #[command(flatten)]
-    store: StoreArg,
+    globals: StoreOptions,
 }
 
 /// List recovery points from the store (the truth), oldest first.
 pub fn points(g: &GlobalArgs, a: PointsArgs) -> Result<ExitCode> {
-    let engine = g.with(&a.data, Some(&a.key), Some(&a.store)).engine_read_only()?;
+    let engine = g.with_store(&a.globals).engine_read_only()?;
     let store = engine.open_store_at(&engine.store_url_for(&a.name)?, false)?;
     let key = engine.load_key()?;
     let rt = engine.runtime()?;

@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Subcommand;
 use tern_engine::VerifyOptions;
 
-use crate::{print_json, DataDirArg, GlobalArgs, KeyFileArg, StoreArg};
+use crate::{print_json, DataDirArg, GlobalArgs, KeyFileArg, StoreOptions};
 
 #[derive(Subcommand)]
 pub enum KeyCommand {
@@ -42,11 +42,7 @@ pub enum StoreCommand {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
-        data: DataDirArg,
-        #[command(flatten)]
-        key: KeyFileArg,
-        #[command(flatten)]
-        store: StoreArg,
+        globals: StoreOptions,
     },
 }
 
@@ -91,8 +87,8 @@ fn stores_to_verify(engine: &tern_engine::Engine) -> Result<Vec<String>> {
 
 pub fn store(g: &GlobalArgs, cmd: StoreCommand) -> Result<ExitCode> {
     match cmd {
-        StoreCommand::Verify { read_data, threads, json, data, key, store } => {
-            let engine = g.with(&data, Some(&key), Some(&store)).engine_read_only()?;
+        StoreCommand::Verify { read_data, threads, json, globals } => {
+            let engine = g.with_store(&globals).engine_read_only()?;
             let threads = tern_engine::check_threads(threads)?;
             let mut reports = Vec::new();
             for url in stores_to_verify(&engine)? {
