@@ -45,11 +45,7 @@ use tern_engine::{Engine, EngineOptions};
 #[command(name = "tern", version, about, long_about, propagate_version = true)]
 struct Cli {
     #[command(flatten)]
-    data: DataDirArg,
-    #[command(flatten)]
-    key: KeyFileArg,
-    #[command(flatten)]
-    store: StoreArg,
+    globals: StoreOptions,
     #[command(subcommand)]
     command: Command,
 }
@@ -200,7 +196,7 @@ fn main() -> ExitCode {
         let _ = LOCAL_OFFSET.set(off);
     }
     let cli = Cli::parse();
-    let g = GlobalArgs { data_dir: cli.data.data_dir, key_file: cli.key.key_file, store: cli.store.store };
+    let g = GlobalArgs::default().with_store(&cli.globals);
     let (result, error_code) = match cli.command {
         Command::Disk(cmd) => {
             let code = cmd.error_exit_code();
