@@ -6,7 +6,8 @@
 //!
 //! The disk is copied in aligned pieces. When the output format takes concurrent writes
 //! ([`crate::DiskWriter::concurrent`]), several threads copy pieces at once so that
-//! reading, decompressing and writing overlap; otherwise one thread copies them in order.
+//! reading, decompressing and writing overlap (one thread per core, up to four);
+//! otherwise one thread copies them in order.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,8 +20,17 @@ use crate::{create_disk, CreateFormat, CreateOptions, Disk, Error, Result};
 const PIECE: u64 = 2 << 20;
 /// Granularity of zero detection inside data runs.
 const ZERO_DETECT: usize = 64 << 10;
-/// Copy threads when the output takes concurrent writes (memory: one piece each).
-const THREADS: usize = 4;
+/// At most this many copy threads when the output takes concurrent writes (memory: one
+/// piece each).
+const MAX_THREADS: usize = 4;
+
+/// Copy threads: one per core, up to [`MAX_THREADS`]. Copying from and into the page
+/// cache is CPU work (the kernel's memcpy), and a file system serialises buffered writes
+/// to one file: threads beyond the cores only spin on that lock (measured on ext4: 4
+/// threads on 2 cores spent 28% of the copy's CPU spinning, and were slower than 2).
+fn copy_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS)
+}
 
 /// Progress report: bytes of the guest handled so far and the total.
 pub type ConvertProgress<'a> = &'a (dyn Fn(u64, u64) + Sync);
@@ -104,7 +114,7 @@ fn copy_parallel(
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|scope| {
-        for _ in 0..THREADS.min(pieces.max(1) as usize) {
+        for _ in 0..copy_threads().min(pieces.max(1) as usize) {
             scope.spawn(|| {
                 let mut buf = vec![0u8; PIECE as usize];
                 while !failed.load(Ordering::Relaxed) {

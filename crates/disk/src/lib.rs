@@ -203,8 +203,9 @@ pub trait DiskWriter: Send {
     fn skip_sync(&mut self);
 
     /// A handle for writing guest data from several threads at once, offered by formats
-    /// whose guest-to-file mapping is fixed when the image is created (raw, fixed VHD):
-    /// with nothing to allocate there is nothing to lock. `None` for the others.
+    /// whose guest-to-file mapping is fixed when the image is created (raw, fixed VHD:
+    /// nothing to allocate, nothing to lock) and by dynamic VHDX (only the block
+    /// allocation is locked). `None` for the others.
     /// Writes through the handle must end before [`DiskWriter::finish`].
     fn concurrent(&self) -> Option<Arc<dyn ConcurrentWrite>> {
         None

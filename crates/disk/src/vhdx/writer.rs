@@ -22,6 +22,7 @@
 //! written are marked FULLY_PRESENT and the others PARTIALLY_PRESENT.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::bat::{
     entry, Geometry, PAYLOAD_FULLY_PRESENT, PAYLOAD_NOT_PRESENT, PAYLOAD_PARTIALLY_PRESENT, SB_PRESENT,
@@ -81,11 +82,72 @@ impl DifferencingOptions {
 
 /// Writes a new VHDX image.
 pub struct VhdxWriter {
-    file: ImageFile,
+    payload: Arc<Payload>,
+    locator: Option<ParentLocator>,
+}
+
+/// What guest writes need: the file, its geometry and the block allocation, which is
+/// the one thing concurrent writers share (a block is allocated under the lock, its
+/// data written outside it).
+struct Payload {
+    file: Arc<ImageFile>,
     geometry: Geometry,
+    alloc: Mutex<Allocation>,
+}
+
+struct Allocation {
     bat: Vec<u64>,
     next_free: u64,
-    locator: Option<ParentLocator>,
+}
+
+impl Allocation {
+    fn allocate(&mut self, len: u64, file: &ImageFile) -> Result<u64> {
+        let off = self.next_free;
+        self.next_free =
+            off.checked_add(len).ok_or_else(|| Error::invalid(Some(file.path()), "file too large"))?;
+        Ok(off)
+    }
+}
+
+impl Payload {
+    fn alloc(&self) -> MutexGuard<'_, Allocation> {
+        // A panic while holding the lock leaves the table consistent (every update is
+        // one assignment), so a poisoned lock is still usable.
+        self.alloc.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write guest data into a dynamic (not differencing) image: blocks are allocated
+    /// on the first non-zero write; zeros to an unallocated block are skipped.
+    fn write_dynamic(&self, buf: &[u8], offset: u64) -> Result<()> {
+        check_range(self.file.path(), offset, buf.len(), self.geometry.virtual_size)?;
+        let bs = self.geometry.block_size;
+        for BlockPiece { block, within, buf: range } in block_pieces(offset, buf.len(), bs) {
+            let piece = &buf[range];
+            let index = self.geometry.payload_index(block) as usize;
+            let at = {
+                let mut a = self.alloc();
+                if a.bat[index] & 7 == u64::from(PAYLOAD_NOT_PRESENT) {
+                    if is_zero(piece) {
+                        continue;
+                    }
+                    let at = a.allocate(bs, &self.file)?;
+                    // Growing the file here, as qemu-img does, keeps the data writes
+                    // inside the file's size: they then need not update it.
+                    self.file.set_len(a.next_free)?;
+                    a.bat[index] = entry(PAYLOAD_FULLY_PRESENT, at);
+                }
+                (a.bat[index] >> 20) * MIB
+            };
+            self.file.write_all_at(piece, at + within)?;
+        }
+        Ok(())
+    }
+}
+
+impl crate::ConcurrentWrite for Payload {
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_dynamic(buf, offset)
+    }
 }
 
 impl VhdxWriter {
@@ -125,47 +187,46 @@ impl VhdxWriter {
             .map_err(|_| Error::invalid(Some(path), "BAT too large for this machine"))?;
         let file = ImageFile::create_new(path)?;
         file.write_all_at(&identifier_bytes(&format!("tern {}", env!("CARGO_PKG_VERSION"))), 0)?;
-        Ok(VhdxWriter { file, geometry, bat: vec![0; entries], next_free: BAT_OFFSET + bat_len, locator })
-    }
-
-    fn allocate(&mut self, len: u64) -> Result<u64> {
-        let off = self.next_free;
-        self.next_free =
-            off.checked_add(len).ok_or_else(|| Error::invalid(Some(self.file.path()), "file too large"))?;
-        Ok(off)
+        let alloc = Mutex::new(Allocation { bat: vec![0; entries], next_free: BAT_OFFSET + bat_len });
+        Ok(VhdxWriter { payload: Arc::new(Payload { file: Arc::new(file), geometry, alloc }), locator })
     }
 
     /// Mark guest sectors `[offset, offset + len)` (inside one block) as written in the
     /// sector bitmap of their chunk.
     fn mark_sectors(&mut self, block: u64, offset: u64, len: u64) -> Result<()> {
-        let g = self.geometry;
+        let p = &*self.payload;
+        let g = p.geometry;
         let sb_index = g.bitmap_index(block / g.chunk_ratio) as usize;
-        if self.bat[sb_index] & 7 != u64::from(SB_PRESENT) {
-            let off = self.allocate(SECTOR_BITMAP_BLOCK)?;
-            self.bat[sb_index] = entry(SB_PRESENT, off);
-        }
-        let sb_offset = (self.bat[sb_index] >> 20) * MIB;
+        let sb_offset = {
+            let mut a = p.alloc();
+            if a.bat[sb_index] & 7 != u64::from(SB_PRESENT) {
+                let off = a.allocate(SECTOR_BITMAP_BLOCK, &p.file)?;
+                a.bat[sb_index] = entry(SB_PRESENT, off);
+            }
+            (a.bat[sb_index] >> 20) * MIB
+        };
         let per_chunk = 1u64 << 23;
         let (first, last) =
             ((offset / LOGICAL_SECTOR) % per_chunk, ((offset + len) / LOGICAL_SECTOR - 1) % per_chunk);
         let mut bits = vec![0u8; (last / 8 - first / 8 + 1) as usize];
         let at = sb_offset + first / 8;
-        self.file.read_at_zero_fill(&mut bits, at)?;
+        p.file.read_at_zero_fill(&mut bits, at)?;
         for s in first..=last {
             let b = s - (first / 8) * 8;
             bits[(b / 8) as usize] |= 1 << (b % 8);
         }
-        self.file.write_all_at(&bits, at)
+        p.file.write_all_at(&bits, at)
     }
 
     /// Whether every sector of payload block `block` inside the disk was written.
-    fn block_complete(&self, block: u64) -> Result<bool> {
-        let g = self.geometry;
-        let sb = self.bat[g.bitmap_index(block / g.chunk_ratio) as usize];
+    fn block_complete(&self, block: u64, bat: &[u64]) -> Result<bool> {
+        let p = &*self.payload;
+        let g = p.geometry;
+        let sb = bat[g.bitmap_index(block / g.chunk_ratio) as usize];
         let sectors = g.block_bytes(block) / LOGICAL_SECTOR;
         let first = (block % g.chunk_ratio) * g.sectors_per_block();
         let mut bits = vec![0u8; sectors.div_ceil(8) as usize];
-        self.file.read_at_zero_fill(&mut bits, (sb >> 20) * MIB + first / 8)?;
+        p.file.read_at_zero_fill(&mut bits, (sb >> 20) * MIB + first / 8)?;
         let full_bytes = (sectors / 8) as usize;
         let rest = sectors % 8;
         Ok(bits[..full_bytes].iter().all(|&b| b == 0xff)
@@ -175,16 +236,16 @@ impl VhdxWriter {
 
 impl crate::DiskWriter for VhdxWriter {
     fn virtual_size(&self) -> u64 {
-        self.geometry.virtual_size
+        self.payload.geometry.virtual_size
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
-        let path = self.file.path().to_path_buf();
-        check_range(&path, offset, buf.len(), self.geometry.virtual_size)?;
-        let differencing = self.locator.is_some();
-        if differencing
-            && (!offset.is_multiple_of(LOGICAL_SECTOR) || !(buf.len() as u64).is_multiple_of(LOGICAL_SECTOR))
-        {
+        if self.locator.is_none() {
+            return self.payload.write_dynamic(buf, offset);
+        }
+        let path = self.payload.file.path().to_path_buf();
+        check_range(&path, offset, buf.len(), self.payload.geometry.virtual_size)?;
+        if !offset.is_multiple_of(LOGICAL_SECTOR) || !(buf.len() as u64).is_multiple_of(LOGICAL_SECTOR) {
             return Err(Error::invalid(
                 Some(&path),
                 format!(
@@ -193,45 +254,57 @@ impl crate::DiskWriter for VhdxWriter {
                 ),
             ));
         }
-        let bs = self.geometry.block_size;
+        // In a differencing image even zeros are data: they hide the parent's.
+        let bs = self.payload.geometry.block_size;
         for BlockPiece { block, within, buf: range } in block_pieces(offset, buf.len(), bs) {
             let (off, n) = (offset + range.start as u64, range.len());
-            let piece = &buf[range];
-            let index = self.geometry.payload_index(block) as usize;
-            if self.bat[index] & 7 == u64::from(PAYLOAD_NOT_PRESENT) {
-                // Zeros need no block unless they hide the parent's data.
-                if differencing || !is_zero(piece) {
-                    let at = self.allocate(bs)?;
-                    self.bat[index] = entry(PAYLOAD_FULLY_PRESENT, at);
+            let p = &*self.payload;
+            let index = p.geometry.payload_index(block) as usize;
+            let at = {
+                let mut a = p.alloc();
+                if a.bat[index] & 7 == u64::from(PAYLOAD_NOT_PRESENT) {
+                    let at = a.allocate(bs, &p.file)?;
+                    a.bat[index] = entry(PAYLOAD_FULLY_PRESENT, at);
                 }
-            }
-            if self.bat[index] & 7 != u64::from(PAYLOAD_NOT_PRESENT) {
-                self.file.write_all_at(piece, (self.bat[index] >> 20) * MIB + within)?;
-                if differencing {
-                    self.mark_sectors(block, off, n as u64)?;
-                }
-            }
+                (a.bat[index] >> 20) * MIB
+            };
+            p.file.write_all_at(&buf[range], at + within)?;
+            self.mark_sectors(block, off, n as u64)?;
         }
         Ok(())
     }
 
     fn skip_sync(&mut self) {
-        self.file.set_sync(false);
+        self.payload.file.set_sync(false);
     }
 
-    fn finish(mut self: Box<Self>) -> Result<()> {
-        let g = self.geometry;
+    fn concurrent(&self) -> Option<Arc<dyn crate::ConcurrentWrite>> {
+        // Dynamic images: writers share only the block allocation. Differencing images
+        // also read-modify-write sector bitmaps, so they are written from one thread.
+        match self.locator {
+            None => Some(self.payload.clone()),
+            Some(_) => None,
+        }
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        let p = &*self.payload;
+        let g = p.geometry;
+        let (mut bat, next_free) = {
+            let a = p.alloc();
+            (a.bat.clone(), a.next_free)
+        };
         if self.locator.is_some() {
             for block in 0..g.data_blocks {
                 let index = g.payload_index(block) as usize;
-                if self.bat[index] & 7 == u64::from(PAYLOAD_FULLY_PRESENT) && !self.block_complete(block)? {
-                    self.bat[index] = (self.bat[index] & !7) | u64::from(PAYLOAD_PARTIALLY_PRESENT);
+                if bat[index] & 7 == u64::from(PAYLOAD_FULLY_PRESENT) && !self.block_complete(block, &bat)? {
+                    bat[index] = (bat[index] & !7) | u64::from(PAYLOAD_PARTIALLY_PRESENT);
                 }
             }
         }
-        let file = &self.file;
-        file.set_len(self.next_free)?;
-        let bat_bytes: Vec<u8> = self.bat.iter().flat_map(|e| e.to_le_bytes()).collect();
+        let file = &*p.file;
+        file.set_len(next_free)?;
+        let bat_bytes: Vec<u8> = bat.iter().flat_map(|e| e.to_le_bytes()).collect();
         file.write_all_at(&bat_bytes, BAT_OFFSET)?;
         let md = Metadata {
             block_size: g.block_size,
