@@ -27,6 +27,7 @@ mod lock;
 mod manifest;
 mod migrate;
 mod paths;
+pub mod qemu;
 mod replicate;
 pub mod sample;
 pub mod snapshot;
