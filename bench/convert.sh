@@ -15,7 +15,7 @@ RUNS=${RUNS:-3}
 work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/tern-bench.XXXXXX")}
 trap 'rm -rf "$work"' EXIT
 cargo build --release --quiet -p tern-cli
-tern=${TERN:-$PWD/target/release/tern} # TERN=path compares another build
+tern=${TERN:-$(realpath "${CARGO_TARGET_DIR:-target}")/release/tern} # TERN=path compares another build
 
 echo "bench: making a ${SIZE_GIB} GiB qcow2, half random data in 1 MiB extents" >&2
 python3 - "$work/src.raw" "$SIZE_GIB" <<'PY'

@@ -24,7 +24,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic borgbackup time zstd >/dev/null
 fi
 cargo build --release --quiet -p tern-cli
-tern=$PWD/target/release/tern
+target=$(realpath "${CARGO_TARGET_DIR:-target}")
+tern=$target/release/tern
 
 # Seconds a command takes; a failing command stops the benchmark with its output.
 secs() {
@@ -116,7 +117,7 @@ echo "migrated image equals the source: $same"
 # Machine limit: single-core keyed BLAKE3 + zstd -1 + AES-GCM over the non-zero chunks
 # of the same input, from the page cache, times the number of cores.
 cargo build --release --quiet -p tern-chunk --example seal_speed
-speed=$(target/release/examples/seal_speed "$work/disk.raw" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data_mib_per_s"])')
+speed=$("$target"/release/examples/seal_speed "$work/disk.raw" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data_mib_per_s"])')
 cores=$(nproc)
 data_gib=$(echo "$SIZE_GIB * 3 / 4" | bc -l)
 ours=$(echo "$data_gib * 1024 / $t_tern" | bc -l)
