@@ -28,6 +28,7 @@ mod detect;
 mod error;
 mod io;
 mod mapping;
+pub mod nbd;
 
 pub mod qcow2;
 pub mod raw;
