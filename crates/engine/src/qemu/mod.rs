@@ -1,6 +1,8 @@
 //! The QEMU tracking source's host side: QMP, QEMU's JSON control protocol, over a
-//! UNIX socket. See `docs/continuous.md` for the cycle built on it.
+//! UNIX socket, and the cut built on it. See `docs/continuous.md`.
 
+pub mod cut;
 pub mod qmp;
 
+pub use cut::{FrozenCut, FrozenDisk, NbdEndpoint, QemuDisk, Tracker};
 pub use qmp::{Qmp, QmpError, QmpVersion};

@@ -1,0 +1,271 @@
+//! The cut: every disk of a VM frozen at one instant inside a running QEMU, by one
+//! QMP `transaction` (docs/continuous.md, "Each cycle").
+//!
+//! Per disk, in that one transaction: `block-dirty-bitmap-add` of the next bitmap,
+//! `block-dirty-bitmap-disable` of the current one (when tracking is on), and a
+//! `blockdev-backup` with `sync: none` from the disk's node into a fleecing overlay (a
+//! qcow2 whose backing is the disk's node): from that instant the guest's writes first
+//! copy the old data into the overlay, so the overlay reads as the disk at the cut.
+//! The overlay is then exported read-only over NBD with the frozen bitmap, and
+//! [`FrozenCut::release`] takes everything down again.
+//!
+//! Everything created is named `tern-...` and removed by tern; nothing else in QEMU
+//! is touched.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{json, Value};
+
+use super::qmp::{Qmp, QmpError};
+
+/// One disk of the VM, as QEMU knows it.
+#[derive(Debug, Clone)]
+pub struct QemuDisk {
+    /// The node the guest's writes reach (a device's root node, or an export's node).
+    pub node: String,
+    /// Whether its bitmaps can be persistent (qcow2 images; not raw).
+    pub persistent_bitmaps: bool,
+}
+
+/// Where the NBD server tern's exports are added to listens.
+#[derive(Debug, Clone)]
+pub struct NbdEndpoint {
+    /// Its UNIX socket.
+    pub socket: PathBuf,
+}
+
+/// A disk frozen at the cut, exported read-only.
+#[derive(Debug, Clone)]
+pub struct FrozenDisk {
+    /// The disk's node.
+    pub node: String,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// The NBD export name that reads the disk as of the cut.
+    pub export_name: String,
+    /// The frozen bitmap (changes since the previous cut), exported with the view as
+    /// `qemu:dirty-bitmap:NAME`; `None` for the first cut.
+    pub bitmap: Option<String>,
+    fleece_node: String,
+    fleece_file: PathBuf,
+    job: String,
+    export_id: String,
+}
+
+/// All disks of a VM frozen at one instant.
+#[derive(Debug)]
+pub struct FrozenCut {
+    /// The cut's sequence number: bitmap `tern-<vm>-<seq>` starts at it.
+    pub seq: u64,
+    /// When the transaction returned (the cut happened before this, after the request
+    /// was sent).
+    pub instant: SystemTime,
+    /// One per disk, in the order given.
+    pub disks: Vec<FrozenDisk>,
+    /// The NBD server the views are exported on.
+    pub nbd: NbdEndpoint,
+}
+
+/// The name of cycle `seq`'s bitmap for VM `vm` (a short id).
+pub fn bitmap_name(vm: &str, seq: u64) -> String {
+    format!("tern-{vm}-{seq}")
+}
+
+fn node_size(qmp: &mut Qmp, node: &str) -> Result<u64, QmpError> {
+    let nodes = qmp.execute("query-named-block-nodes", Some(json!({ "flat": true })))?;
+    nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == node))
+        .and_then(|n| n["image"]["virtual-size"].as_u64())
+        .ok_or_else(|| QmpError::Protocol {
+            path: qmp.path().to_path_buf(),
+            message: format!("QEMU has no block node {node:?} (query-named-block-nodes)"),
+        })
+}
+
+/// What tern tracks in one QEMU: a VM's disks and where their cuts go.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    /// A short id of the VM, in every name tern gives QEMU objects.
+    pub vm: String,
+    /// The disks, in the VM's order.
+    pub disks: Vec<QemuDisk>,
+    /// Bitmap granularity in bytes (a power of two, 512 B to 2 GiB).
+    pub granularity: u64,
+    /// Where fleecing overlays are created.
+    pub workdir: PathBuf,
+    /// The NBD server the views are exported on.
+    pub nbd: NbdEndpoint,
+}
+
+impl Tracker {
+    /// Freeze every disk at one instant: start bitmap `seq`, stop bitmap `seq - 1`
+    /// (unless `first`), and export a read-only view of each disk as of that instant.
+    pub fn cut(&self, qmp: &mut Qmp, seq: u64, first: bool) -> Result<FrozenCut, QmpError> {
+        cut(qmp, self, seq, first)
+    }
+}
+
+fn cut(qmp: &mut Qmp, t: &Tracker, seq: u64, first: bool) -> Result<FrozenCut, QmpError> {
+    let (vm, disks, granularity, workdir, nbd) = (&t.vm, &t.disks, t.granularity, &t.workdir, &t.nbd);
+    let mut frozen = Vec::with_capacity(disks.len());
+    for (i, d) in disks.iter().enumerate() {
+        let size = node_size(qmp, &d.node)?;
+        let fleece_file = workdir.join(format!("tern-fleece-{vm}-{seq}-{i}.qcow2"));
+        create_overlay(&fleece_file, size).map_err(|e| QmpError::Io {
+            path: qmp.path().to_path_buf(),
+            what: format!("create the fleecing overlay {}", fleece_file.display()),
+            source: e,
+        })?;
+        let fleece_node = format!("tern-fleece-{vm}-{i}");
+        qmp.execute(
+            "blockdev-add",
+            Some(json!({
+                "driver": "qcow2", "node-name": fleece_node,
+                "file": { "driver": "file", "filename": fleece_file },
+                "backing": d.node,
+            })),
+        )?;
+        frozen.push(FrozenDisk {
+            node: d.node.clone(),
+            size,
+            export_name: format!("tern-view-{vm}-{i}"),
+            bitmap: (!first).then(|| bitmap_name(vm, seq - 1)),
+            fleece_node,
+            fleece_file,
+            job: format!("tern-backup-{vm}-{i}"),
+            export_id: format!("tern-export-{vm}-{i}"),
+        });
+    }
+    let mut actions: Vec<Value> = Vec::new();
+    for (d, f) in disks.iter().zip(&frozen) {
+        actions.push(json!({ "type": "block-dirty-bitmap-add", "data": {
+            "node": d.node, "name": bitmap_name(vm, seq), "granularity": granularity,
+            "persistent": d.persistent_bitmaps } }));
+        if let Some(b) = &f.bitmap {
+            actions
+                .push(json!({ "type": "block-dirty-bitmap-disable", "data": { "node": d.node, "name": b } }));
+        }
+        actions.push(json!({ "type": "blockdev-backup", "data": {
+            "job-id": f.job, "device": d.node, "target": f.fleece_node, "sync": "none",
+            "auto-finalize": true, "auto-dismiss": true } }));
+    }
+    let done = qmp.transaction(actions);
+    let instant = SystemTime::now();
+    let mut cut = FrozenCut { seq, instant, disks: frozen, nbd: nbd.clone() };
+    if let Err(e) = done {
+        cut.release_nodes(qmp);
+        return Err(e);
+    }
+    for f in &cut.disks {
+        let mut export = json!({ "type": "nbd", "id": f.export_id, "node-name": f.fleece_node,
+            "name": f.export_name, "writable": false });
+        if let Some(b) = &f.bitmap {
+            export["bitmaps"] = json!([b]);
+        }
+        if let Err(e) = qmp.execute("block-export-add", Some(export)) {
+            let _ = cut.release(qmp);
+            return Err(e);
+        }
+    }
+    Ok(cut)
+}
+
+fn create_overlay(path: &Path, size: u64) -> std::io::Result<()> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string())
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "qemu-img create: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+impl FrozenCut {
+    /// Take down the exports, jobs and overlays (the bitmaps stay: the frozen one is
+    /// removed once its point is committed, see [`remove_bitmap`]). Best effort: each
+    /// step is tried even when an earlier one failed; the first error is returned.
+    pub fn release(&mut self, qmp: &mut Qmp) -> Result<(), QmpError> {
+        let mut first: Option<QmpError> = None;
+        for f in &self.disks {
+            if let Err(e) =
+                qmp.execute("block-export-del", Some(json!({ "id": f.export_id, "mode": "hard" })))
+            {
+                if e.class() != Some("GenericError") || !e.to_string().contains("not found") {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        // The exports go away asynchronously; the overlay can be deleted only after.
+        for f in &self.disks {
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < until {
+                let exports = qmp.execute("query-block-exports", None)?;
+                if !exports.as_array().is_some_and(|a| a.iter().any(|x| x["id"] == f.export_id.as_str())) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if let Err(e) = self.release_nodes_inner(qmp) {
+            first.get_or_insert(e);
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    fn release_nodes(&mut self, qmp: &mut Qmp) {
+        let _ = self.release_nodes_inner(qmp);
+    }
+
+    fn release_nodes_inner(&mut self, qmp: &mut Qmp) -> Result<(), QmpError> {
+        let mut first: Option<QmpError> = None;
+        let jobs = qmp.execute("query-block-jobs", None)?;
+        for f in &self.disks {
+            let running = jobs.as_array().is_some_and(|a| a.iter().any(|j| j["device"] == f.job.as_str()));
+            if running {
+                match qmp.execute("block-job-cancel", Some(json!({ "device": f.job, "force": true }))) {
+                    Ok(_) => {
+                        let job = f.job.clone();
+                        let _ = qmp.wait_event("BLOCK_JOB_CANCELLED", Duration::from_secs(30), &|e| {
+                            e["data"]["device"] == job.as_str()
+                        });
+                    }
+                    Err(e) => {
+                        first.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        for f in &self.disks {
+            if let Err(e) = qmp.execute("blockdev-del", Some(json!({ "node-name": f.fleece_node }))) {
+                if !e.to_string().contains("Failed to find node") && !e.to_string().contains("Cannot find") {
+                    first.get_or_insert(e);
+                }
+            }
+            let _ = std::fs::remove_file(&f.fleece_file);
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// Remove bitmap `name` from `node` (after the point holding its changes is
+/// committed).
+pub fn remove_bitmap(qmp: &mut Qmp, node: &str, name: &str) -> Result<(), QmpError> {
+    qmp.execute("block-dirty-bitmap-remove", Some(json!({ "node": node, "name": name }))).map(|_| ())
+}
+
+/// Fold bitmap `from` into `into` and remove `from` (a cut that was not committed:
+/// its changes go to the next cycle, nothing is lost).
+pub fn merge_bitmap(qmp: &mut Qmp, node: &str, from: &str, into: &str) -> Result<(), QmpError> {
+    qmp.transaction(vec![
+        json!({ "type": "block-dirty-bitmap-merge", "data": { "node": node, "target": into, "bitmaps": [from] } }),
+        json!({ "type": "block-dirty-bitmap-remove", "data": { "node": node, "name": from } }),
+    ])
+}

@@ -1,0 +1,211 @@
+//! The cut freezes every disk of a VM at one instant inside a running QEMU: a real
+//! qemu-storage-daemon with two disks (qcow2 and raw) whose NBD exports are the
+//! guest's write path. What the guest writes after the cut is not in the views;
+//! what it wrote before is, on both disks; the frozen bitmap lists exactly what
+//! changed between two cuts; release leaves nothing of tern's in QEMU.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tern_disk::nbd::{NbdClient, STATE_DIRTY};
+use tern_engine::qemu::{NbdEndpoint, QemuDisk, Qmp, Tracker};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1 << 20;
+const T: Duration = Duration::from_secs(10);
+
+struct Vm {
+    child: Child,
+    qmp: PathBuf,
+    nbd: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Vm {
+    fn start() -> Vm {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("d0.qcow2");
+        let r = dir.path().join("d1.raw");
+        for (fmt, p) in [("qcow2", &q), ("raw", &r)] {
+            let out = Command::new("qemu-img").args(["create", "-q", "-f", fmt]).arg(p).arg("32M").output();
+            assert!(out.expect("qemu-img is needed (qemu-utils)").status.success());
+        }
+        let qmp = dir.path().join("qmp.sock");
+        let nbd = dir.path().join("nbd.sock");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,filename={},node-name=f0", q.display()))
+            .args(["--blockdev", "driver=qcow2,file=f0,node-name=disk0"])
+            .arg("--blockdev")
+            .arg(format!("driver=file,filename={},node-name=f1", r.display()))
+            .args(["--blockdev", "driver=raw,file=f1,node-name=disk1"])
+            .arg("--chardev")
+            .arg(format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()))
+            .args(["--monitor", "chardev=qmp0"])
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
+            .args(["--export", "type=nbd,id=g0,node-name=disk0,name=disk0,writable=on"])
+            .args(["--export", "type=nbd,id=g1,node-name=disk1,name=disk1,writable=on"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon is needed (qemu-system-common; scripts/deps installs it)");
+        let until = Instant::now() + Duration::from_secs(20);
+        while !(qmp.exists() && nbd.exists()) {
+            assert!(Instant::now() < until, "qemu-storage-daemon did not create its sockets");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Vm { child, qmp, nbd, dir }
+    }
+
+    fn guest(&self, disk: &str, cmds: &[String]) {
+        let uri = format!("nbd+unix:///{disk}?socket={}", self.nbd.display());
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw", &uri]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn tracker(&self) -> Tracker {
+        Tracker {
+            vm: "0a1b2c3d".into(),
+            disks: vec![
+                QemuDisk { node: "disk0".into(), persistent_bitmaps: true },
+                QemuDisk { node: "disk1".into(), persistent_bitmaps: false },
+            ],
+            granularity: 64 * KIB,
+            workdir: self.dir.path().to_path_buf(),
+            nbd: NbdEndpoint { socket: self.nbd.clone() },
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_all(c: &mut NbdClient) -> Vec<u8> {
+    let mut buf = vec![0u8; c.size() as usize];
+    c.read(&mut buf, 0).unwrap();
+    buf
+}
+
+fn tern_names(qmp: &mut Qmp) -> Vec<String> {
+    let mut names = Vec::new();
+    let nodes = qmp.execute("query-named-block-nodes", None).unwrap();
+    for n in nodes.as_array().unwrap() {
+        let name = n["node-name"].as_str().unwrap_or("");
+        if name.starts_with("tern-") {
+            names.push(format!("node {name}"));
+        }
+        for b in n["dirty-bitmaps"].as_array().into_iter().flatten() {
+            if b["name"].as_str().is_some_and(|s| s.starts_with("tern-")) {
+                names.push(format!("bitmap {} on {name}", b["name"]));
+            }
+        }
+    }
+    for (cmd, key) in [("query-block-exports", "id"), ("query-block-jobs", "device")] {
+        let v: Value = qmp.execute(cmd, None).unwrap();
+        for x in v.as_array().unwrap() {
+            if x[key].as_str().is_some_and(|s| s.starts_with("tern-")) {
+                names.push(format!("{cmd} {}", x[key]));
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[test]
+fn one_cut_freezes_both_disks_and_the_next_bitmap_lists_what_changed_between_cuts() {
+    let vm = Vm::start();
+    let mut qmp = Qmp::connect(&vm.qmp, T).unwrap();
+    let t = vm.tracker();
+    vm.guest("disk0", &[format!("write -P 0xa1 0 {}", 4 * MIB)]);
+    vm.guest("disk1", &[format!("write -P 0xb1 {} {}", 8 * MIB, 2 * MIB)]);
+
+    // Cut 1 (tracking starts): views of both disks as of now.
+    let mut c1 = t.cut(&mut qmp, 1, true).unwrap();
+    let before0 = {
+        let mut c = NbdClient::connect_unix(&vm.nbd, "disk0", &[], T).unwrap();
+        read_all(&mut c)
+    };
+    // The guest writes after the cut, on both disks, over what the views hold.
+    vm.guest(
+        "disk0",
+        &[format!("write -P 0xa2 {} {}", MIB, 64 * KIB), format!("write -z {} {}", 2 * MIB, MIB)],
+    );
+    vm.guest("disk1", &[format!("write -P 0xb2 {} {}", 8 * MIB + 4 * KIB, 8 * KIB)]);
+    for (i, want) in [(0usize, before0), (1, Vec::new())] {
+        let mut c = NbdClient::connect_unix(&vm.nbd, &c1.disks[i].export_name, &[], T).unwrap();
+        assert!(c.read_only());
+        let got = read_all(&mut c);
+        if i == 0 {
+            assert!(got == want, "disk0's view changed after the cut");
+        } else {
+            assert!(got[8 << 20..10 << 20].iter().all(|&b| b == 0xb1), "disk1's view changed after the cut");
+            assert!(got[..8 << 20].iter().all(|&b| b == 0));
+        }
+    }
+    c1.release(&mut qmp).unwrap();
+
+    // Cut 2: bitmap 1 (frozen now) holds exactly the writes between the cuts.
+    let mut c2 = t.cut(&mut qmp, 2, false).unwrap();
+    vm.guest("disk0", &[format!("write -P 0xa3 {} {}", 20 * MIB, 64 * KIB)]); // after cut 2
+    let ctx = format!("qemu:dirty-bitmap:{}", c2.disks[0].bitmap.as_ref().unwrap());
+    let mut c = NbdClient::connect_unix(&vm.nbd, &c2.disks[0].export_name, &[&ctx], T).unwrap();
+    let dirty: Vec<(u64, u64)> = c
+        .extents(&ctx, 0, c.size())
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.flags & STATE_DIRTY != 0)
+        .map(|e| (e.offset, e.length))
+        .collect();
+    assert_eq!(dirty, vec![(MIB, 64 * KIB), (2 * MIB, MIB)]);
+    let view = read_all(&mut c);
+    assert!(view[MIB as usize..(MIB + 64 * KIB) as usize].iter().all(|&b| b == 0xa2));
+    assert!(view[(2 * MIB) as usize..(3 * MIB) as usize].iter().all(|&b| b == 0));
+    assert!(
+        view[(20 * MIB) as usize..(20 * MIB + 64 * KIB) as usize].iter().all(|&b| b == 0),
+        "cut 2's view has a later write"
+    );
+    let ctx1 = format!("qemu:dirty-bitmap:{}", c2.disks[1].bitmap.as_ref().unwrap());
+    let mut c = NbdClient::connect_unix(&vm.nbd, &c2.disks[1].export_name, &[&ctx1], T).unwrap();
+    let dirty1: Vec<(u64, u64)> = c
+        .extents(&ctx1, 0, c.size())
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.flags & STATE_DIRTY != 0)
+        .map(|e| (e.offset, e.length))
+        .collect();
+    assert_eq!(dirty1, vec![(8 * MIB, 64 * KIB)]);
+    c2.release(&mut qmp).unwrap();
+
+    // Commit cut 2's data: bitmap 1 goes; bitmap 2 keeps tracking. Then nothing of
+    // tern's is left but that one bitmap per disk.
+    for d in &c2.disks {
+        tern_engine::qemu::cut::remove_bitmap(&mut qmp, &d.node, d.bitmap.as_ref().unwrap()).unwrap();
+    }
+    assert_eq!(
+        tern_names(&mut qmp),
+        vec![
+            "bitmap \"tern-0a1b2c3d-2\" on disk0".to_string(),
+            "bitmap \"tern-0a1b2c3d-2\" on disk1".to_string()
+        ]
+    );
+    // The guest's own exports are untouched and still writable.
+    vm.guest("disk0", &[format!("write -P 0xa4 0 {}", 64 * KIB)]);
+    assert!(std::fs::read_dir(vm.dir.path()).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("tern-fleece")));
+}
