@@ -20,6 +20,7 @@
 //!   migrate from another machine.
 
 mod catalog;
+pub mod changelog;
 mod db;
 mod engine;
 mod error;
