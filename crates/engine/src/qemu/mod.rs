@@ -3,6 +3,7 @@
 
 pub mod cut;
 pub mod qmp;
+pub mod stage;
 
 pub use cut::{FrozenCut, FrozenDisk, NbdEndpoint, QemuDisk, Tracker};
 pub use qmp::{Qmp, QmpError, QmpVersion};
