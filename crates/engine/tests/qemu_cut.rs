@@ -335,3 +335,44 @@ fn five_staged_cycles_rebuild_both_disks_exactly_at_each_cut_while_the_guest_kee
     // 200 KiB, each dirtying at most 5 granules of 64 KiB, far below 5 x 64 MiB.
     assert!(staged_bytes <= 5 * 2 * 32 * 5 * 64 * KIB, "staged {staged_bytes} bytes");
 }
+
+#[test]
+fn over_the_log_budget_nothing_is_sealed_and_merging_the_bitmap_loses_nothing() {
+    let vm = Vm::start();
+    let mut qmp = Qmp::connect(&vm.qmp, T).unwrap();
+    let t = vm.tracker();
+    let size = 32 * MIB;
+    let mut c = t.cut(&mut qmp, 1, true).unwrap();
+    c.release(&mut qmp).unwrap();
+    vm.guest("disk0", &[format!("write -P 0x61 {} {}", MIB, 2 * MIB)]);
+    let logs = vm.dir.path().join("logs");
+    let header = |seq| tern_engine::changelog::LogHeader {
+        vm_id: [7; 16],
+        disk: 0,
+        seq,
+        instant_ms: 0,
+        virtual_size: size,
+        granularity: 64 * KIB,
+    };
+    let mut c = t.cut(&mut qmp, 2, false).unwrap();
+    let err =
+        tern_engine::qemu::stage::stage_disk(&vm.nbd, &c.disks[0], &logs, header(2), MIB, T).unwrap_err();
+    assert_eq!(err.kind(), tern_engine::ErrorKind::Busy);
+    assert!(err.to_string().contains("budget"), "{err}");
+    assert_eq!(std::fs::read_dir(&logs).unwrap().count(), 0, "nothing staged over the budget is left");
+    c.release(&mut qmp).unwrap();
+    // Not committed: bitmap 1 folds into bitmap 2, which goes on tracking.
+    for d in &t.disks {
+        tern_engine::qemu::cut::merge_bitmap(&mut qmp, &d.node, "tern-0a1b2c3d-1", "tern-0a1b2c3d-2")
+            .unwrap();
+    }
+    vm.guest("disk0", &[format!("write -P 0x62 {} {}", 10 * MIB, 64 * KIB)]);
+    let mut c = t.cut(&mut qmp, 3, false).unwrap();
+    let sealed =
+        tern_engine::qemu::stage::stage_disk(&vm.nbd, &c.disks[0], &logs, header(3), u64::MAX, T).unwrap();
+    c.release(&mut qmp).unwrap();
+    let log = tern_engine::changelog::LogReader::open(&sealed.path).unwrap();
+    let got: Vec<(u64, u64)> = log.records().iter().map(|r| (r.offset, r.length)).collect();
+    // Each record is at most one 4 MiB piece; the 2 MiB write and the later one.
+    assert_eq!(got, vec![(MIB, 2 * MIB), (10 * MIB, 64 * KIB)], "the deferred changes are in the next log");
+}
