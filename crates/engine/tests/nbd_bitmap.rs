@@ -3,6 +3,8 @@
 //! frozen in a QMP transaction and exported read-only; and refuses servers that are
 //! not NBD.
 
+mod support;
+
 use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -34,7 +36,7 @@ impl Daemon {
         assert!(out.status.success());
         let qmp = dir.path().join("qmp.sock");
         let nbd = dir.path().join("nbd.sock");
-        let child = Command::new("qemu-storage-daemon")
+        let child = support::qemu_storage_daemon()
             .arg("--blockdev")
             .arg(format!("driver=file,filename={},node-name=file0", img.display()))
             .args(["--blockdev", "driver=qcow2,file=file0,node-name=disk0"])

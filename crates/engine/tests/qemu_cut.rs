@@ -4,6 +4,8 @@
 //! what it wrote before is, on both disks; the frozen bitmap lists exactly what
 //! changed between two cuts; release leaves nothing of tern's in QEMU.
 
+mod support;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,7 +36,7 @@ impl Vm {
         }
         let qmp = dir.path().join("qmp.sock");
         let nbd = dir.path().join("nbd.sock");
-        let child = Command::new("qemu-storage-daemon")
+        let child = support::qemu_storage_daemon()
             .arg("--blockdev")
             .arg(format!("driver=file,filename={},node-name=f0", q.display()))
             .args(["--blockdev", "driver=qcow2,file=f0,node-name=disk0"])

@@ -2,6 +2,8 @@
 //! a QEMU block layer with QMP and an NBD export that is the guest's write path), and
 //! against peers that are not QMP.
 
+mod support;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -29,7 +31,7 @@ impl Daemon {
         assert!(out.status.success(), "qemu-img create: {}", String::from_utf8_lossy(&out.stderr));
         let qmp = dir.path().join("qmp.sock");
         let nbd = dir.path().join("nbd.sock");
-        let child = Command::new("qemu-storage-daemon")
+        let child = support::qemu_storage_daemon()
             .arg("--blockdev")
             .arg(format!("driver=file,filename={},node-name=file0", img.display()))
             .args(["--blockdev", "driver=qcow2,file=file0,node-name=disk0"])

@@ -125,3 +125,10 @@ pub fn tree_bytes(dir: &Path) -> u64 {
     }
     walk(dir).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum()
 }
+
+/// The qemu-storage-daemon the QEMU tests run: `$TERN_QEMU_STORAGE_DAEMON` (another
+/// QEMU's, e.g. Debian 12's 7.2 unpacked beside the installed one), else the one on PATH.
+pub fn qemu_storage_daemon() -> std::process::Command {
+    let bin = std::env::var_os("TERN_QEMU_STORAGE_DAEMON").unwrap_or_else(|| "qemu-storage-daemon".into());
+    std::process::Command::new(bin)
+}
