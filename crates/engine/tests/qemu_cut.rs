@@ -82,6 +82,7 @@ impl Vm {
             granularity: 64 * KIB,
             workdir: self.dir.path().to_path_buf(),
             nbd: NbdEndpoint { socket: self.nbd.clone() },
+            test_stagger: None,
         }
     }
 }
@@ -377,4 +378,79 @@ fn over_the_log_budget_nothing_is_sealed_and_merging_the_bitmap_loses_nothing() 
     let got: Vec<(u64, u64)> = log.records().iter().map(|r| (r.offset, r.length)).collect();
     // Each record is at most one 4 MiB piece; the 2 MiB write and the later one.
     assert_eq!(got, vec![(MIB, 2 * MIB), (10 * MIB, 64 * KIB)], "the deferred changes are in the next log");
+}
+
+/// A writer that writes sequence number k to disk 0, then (once acknowledged) k to disk
+/// 1, then k + 1 to disk 0, and so on, each time into the first 512 bytes; it stops
+/// when `stop` is set and returns the last number written.
+fn sequence_writer(
+    nbd: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut k = 0u64;
+        // Bounded: at most 2000 numbers, whatever `stop` does.
+        while k < 2000 && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            k += 1;
+            for d in 0..2 {
+                let uri = format!("nbd+unix:///disk{d}?socket={}", nbd.display());
+                // The number as a pattern byte in each of the first 4 sectors, little-endian.
+                let cmds: Vec<String> =
+                    (0..4).map(|b| format!("write -P {} {} 512", (k >> (8 * b)) & 0xff, b * 512)).collect();
+                let mut c = Command::new("qemu-io");
+                c.args(["-f", "raw", &uri]);
+                for x in &cmds {
+                    c.args(["-c", x]);
+                }
+                assert!(c.output().unwrap().status.success());
+            }
+        }
+        k
+    })
+}
+
+fn sequence_at(view: &[u8]) -> u64 {
+    (0..4).map(|b| u64::from(view[b * 512]) << (8 * b)).sum()
+}
+
+/// Cut while the sequence writer runs; the views' numbers (disk0, disk1).
+fn cut_during_writes(vm: &Vm, qmp: &mut Qmp, t: &Tracker, seq: u64) -> (u64, u64) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = sequence_writer(vm.nbd.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = t.cut(qmp, seq, seq == 1).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let last = writer.join().unwrap();
+    let mut got = [0u64; 2];
+    for (g, disk) in got.iter_mut().zip(&c.disks) {
+        let mut cl = NbdClient::connect_unix(&vm.nbd, &disk.export_name, &[], T).unwrap();
+        let mut buf = vec![0u8; 2048];
+        cl.read(&mut buf, 0).unwrap();
+        *g = sequence_at(&buf);
+    }
+    c.release(qmp).unwrap();
+    assert!(got[0] >= 1 && got[0] < last, "the cut fell inside the writes: {got:?}, last {last}");
+    (got[0], got[1])
+}
+
+/// The consistency property of one cut over two disks: a writer that acknowledges k on
+/// disk 0 before writing k on disk 1 can only be seen at one instant with disk 1 at k or
+/// k - 1. The test-only stagger (the disks frozen 400 ms apart) must break it, which
+/// shows the check can fail.
+#[test]
+fn one_cut_sees_both_disks_at_one_instant_and_a_staggered_freeze_is_caught() {
+    let vm = Vm::start();
+    let mut qmp = Qmp::connect(&vm.qmp, T).unwrap();
+    let mut t = vm.tracker();
+    for seq in 1..=3 {
+        let (d0, d1) = cut_during_writes(&vm, &mut qmp, &t, seq);
+        assert!(d1 == d0 || d1 + 1 == d0, "cut {seq}: disk0 at {d0}, disk1 at {d1}: not one instant");
+    }
+    t.test_stagger = Some(Duration::from_millis(400));
+    let (d0, d1) = cut_during_writes(&vm, &mut qmp, &t, 4);
+    assert!(
+        !(d1 == d0 || d1 + 1 == d0),
+        "a freeze 400 ms apart must be caught, yet disk0 at {d0} and disk1 at {d1} look like one instant"
+    );
 }

@@ -97,6 +97,11 @@ pub struct Tracker {
     pub workdir: PathBuf,
     /// The NBD server the views are exported on.
     pub nbd: NbdEndpoint,
+    /// TEST ONLY: freeze the disks one at a time, with this pause between, instead of
+    /// in one transaction. Such cuts are NOT consistent; this exists so that the
+    /// consistency test can show it detects them. `None` everywhere else.
+    #[doc(hidden)]
+    pub test_stagger: Option<Duration>,
 }
 
 impl Tracker {
@@ -138,8 +143,11 @@ fn cut(qmp: &mut Qmp, t: &Tracker, seq: u64, first: bool) -> Result<FrozenCut, Q
             export_id: format!("tern-export-{vm}-{i}"),
         });
     }
-    let mut actions: Vec<Value> = Vec::new();
+    // One group of actions per disk; all groups in ONE transaction (one instant), unless
+    // the test-only stagger asks for one transaction per disk with a pause between.
+    let mut groups: Vec<Vec<Value>> = Vec::new();
     for (d, f) in disks.iter().zip(&frozen) {
+        let mut actions: Vec<Value> = Vec::new();
         actions.push(json!({ "type": "block-dirty-bitmap-add", "data": {
             "node": d.node, "name": bitmap_name(vm, seq), "granularity": granularity,
             "persistent": d.persistent_bitmaps } }));
@@ -150,8 +158,24 @@ fn cut(qmp: &mut Qmp, t: &Tracker, seq: u64, first: bool) -> Result<FrozenCut, Q
         actions.push(json!({ "type": "blockdev-backup", "data": {
             "job-id": f.job, "device": d.node, "target": f.fleece_node, "sync": "none",
             "auto-finalize": true, "auto-dismiss": true } }));
+        groups.push(actions);
     }
-    let done = qmp.transaction(actions);
+    let done = match t.test_stagger {
+        None => qmp.transaction(groups.concat()),
+        Some(pause) => {
+            let mut done = Ok(());
+            for (i, g) in groups.into_iter().enumerate() {
+                if i > 0 {
+                    std::thread::sleep(pause);
+                }
+                done = qmp.transaction(g);
+                if done.is_err() {
+                    break;
+                }
+            }
+            done
+        }
+    };
     let instant = SystemTime::now();
     let mut cut = FrozenCut { seq, instant, disks: frozen, nbd: nbd.clone() };
     if let Err(e) = done {
