@@ -8,8 +8,8 @@ mod support;
 use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::json;
 use tern_disk::nbd::{Extent, NbdClient, NbdDisk, STATE_DIRTY};
@@ -20,62 +20,10 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(10);
 
-struct Daemon {
-    child: Child,
-    qmp: PathBuf,
-    nbd: PathBuf,
-    dir: tempfile::TempDir,
-}
+use support::Qsd as Daemon;
 
-impl Daemon {
-    fn start(size: &str) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("disk.qcow2");
-        let out = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg(size).output();
-        let out = out.expect("qemu-img is needed (Debian package qemu-utils; scripts/deps installs it)");
-        assert!(out.status.success());
-        let qmp = dir.path().join("qmp.sock");
-        let nbd = dir.path().join("nbd.sock");
-        let child = support::qemu_storage_daemon()
-            .arg("--blockdev")
-            .arg(format!("driver=file,filename={},node-name=file0", img.display()))
-            .args(["--blockdev", "driver=qcow2,file=file0,node-name=disk0"])
-            .arg("--chardev")
-            .arg(format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()))
-            .args(["--monitor", "chardev=qmp0"])
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
-            .args(["--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect(
-                "qemu-storage-daemon is needed (Debian package qemu-system-common; scripts/deps installs it)",
-            );
-        let until = Instant::now() + Duration::from_secs(20);
-        while !(qmp.exists() && nbd.exists()) {
-            assert!(Instant::now() < until, "qemu-storage-daemon did not create its sockets");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon { child, qmp, nbd, dir }
-    }
-
-    fn guest_io(&self, cmds: &[String]) {
-        let uri = format!("nbd+unix:///disk0?socket={}", self.nbd.display());
-        let mut c = Command::new("qemu-io");
-        c.args(["-f", "raw", &uri]);
-        for cmd in cmds {
-            c.args(["-c", cmd]);
-        }
-        let out = c.output().unwrap();
-        assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start(size: &str) -> Daemon {
+    Daemon::start(&[("qcow2", size)])
 }
 
 /// Extents with the dirty flag, as (offset, length).
@@ -85,7 +33,7 @@ fn dirty(extents: &[Extent]) -> Vec<(u64, u64)> {
 
 #[test]
 fn block_status_of_a_frozen_bitmap_lists_exactly_the_granules_written_before_the_cut() {
-    let d = Daemon::start("64M");
+    let d = start("64M");
     let mut qmp = Qmp::connect(&d.qmp, T).unwrap();
     qmp.transaction(vec![json!({ "type": "block-dirty-bitmap-add",
         "data": { "node": "disk0", "name": "tern-1", "granularity": 65536 } })])
@@ -100,14 +48,14 @@ fn block_status_of_a_frozen_bitmap_lists_exactly_the_granules_written_before_the
     for i in 0..40 {
         before.push(format!("write -P 0x33 {} {}", 16 * MIB + i * 128 * KIB, 64 * KIB));
     }
-    d.guest_io(&before);
+    d.guest("disk0", &before);
     // The cut: bitmap 2 starts, bitmap 1 stops, at one instant.
     qmp.transaction(vec![
         json!({ "type": "block-dirty-bitmap-add", "data": { "node": "disk0", "name": "tern-2", "granularity": 65536 } }),
         json!({ "type": "block-dirty-bitmap-disable", "data": { "node": "disk0", "name": "tern-1" } }),
     ])
     .unwrap();
-    d.guest_io(&[format!("write -P 0x44 {} {}", 40 * MIB, 64 * KIB)]); // after the cut
+    d.guest("disk0", &[format!("write -P 0x44 {} {}", 40 * MIB, 64 * KIB)]); // after the cut
     qmp.execute(
         "block-export-add",
         Some(json!({ "type": "nbd", "id": "tern-export-0", "node-name": "disk0", "name": "tern-view",
@@ -159,11 +107,11 @@ fn block_status_of_a_frozen_bitmap_lists_exactly_the_granules_written_before_the
 
 #[test]
 fn an_export_read_as_a_disk_equals_what_qemu_img_reads() {
-    let d = Daemon::start("48M");
+    let d = start("48M");
     let cmds: Vec<String> = (0..24)
         .map(|i| format!("write -P {} {} {}", i + 1, i * 2 * MIB + (i % 3) * 4096, 300 * KIB + i * 512))
         .collect();
-    d.guest_io(&cmds);
+    d.guest("disk0", &cmds);
     let disk = NbdDisk::open_unix(&d.nbd, "disk0", T).unwrap();
     assert_eq!(disk.virtual_size(), 48 * MIB);
     // qemu-img, a real NBD client, dumps the same export.

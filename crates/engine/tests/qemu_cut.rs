@@ -7,8 +7,8 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 use tern_disk::nbd::{NbdClient, STATE_DIRTY};
@@ -18,79 +18,23 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(10);
 
-struct Vm {
-    child: Child,
-    qmp: PathBuf,
-    nbd: PathBuf,
-    dir: tempfile::TempDir,
+use support::Qsd as Vm;
+
+fn start_vm() -> Vm {
+    Vm::start(&[("qcow2", "32M"), ("raw", "32M")])
 }
 
-impl Vm {
-    fn start() -> Vm {
-        let dir = tempfile::tempdir().unwrap();
-        let q = dir.path().join("d0.qcow2");
-        let r = dir.path().join("d1.raw");
-        for (fmt, p) in [("qcow2", &q), ("raw", &r)] {
-            let out = Command::new("qemu-img").args(["create", "-q", "-f", fmt]).arg(p).arg("32M").output();
-            assert!(out.expect("qemu-img is needed (qemu-utils)").status.success());
-        }
-        let qmp = dir.path().join("qmp.sock");
-        let nbd = dir.path().join("nbd.sock");
-        let child = support::qemu_storage_daemon()
-            .arg("--blockdev")
-            .arg(format!("driver=file,filename={},node-name=f0", q.display()))
-            .args(["--blockdev", "driver=qcow2,file=f0,node-name=disk0"])
-            .arg("--blockdev")
-            .arg(format!("driver=file,filename={},node-name=f1", r.display()))
-            .args(["--blockdev", "driver=raw,file=f1,node-name=disk1"])
-            .arg("--chardev")
-            .arg(format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()))
-            .args(["--monitor", "chardev=qmp0"])
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
-            .args(["--export", "type=nbd,id=g0,node-name=disk0,name=disk0,writable=on"])
-            .args(["--export", "type=nbd,id=g1,node-name=disk1,name=disk1,writable=on"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("qemu-storage-daemon is needed (qemu-system-common; scripts/deps installs it)");
-        let until = Instant::now() + Duration::from_secs(20);
-        while !(qmp.exists() && nbd.exists()) {
-            assert!(Instant::now() < until, "qemu-storage-daemon did not create its sockets");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Vm { child, qmp, nbd, dir }
-    }
-
-    fn guest(&self, disk: &str, cmds: &[String]) {
-        let uri = format!("nbd+unix:///{disk}?socket={}", self.nbd.display());
-        let mut c = Command::new("qemu-io");
-        c.args(["-f", "raw", &uri]);
-        for cmd in cmds {
-            c.args(["-c", cmd]);
-        }
-        let out = c.output().unwrap();
-        assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    fn tracker(&self) -> Tracker {
-        Tracker {
-            vm: "0a1b2c3d".into(),
-            disks: vec![
-                QemuDisk { node: "disk0".into(), persistent_bitmaps: true },
-                QemuDisk { node: "disk1".into(), persistent_bitmaps: false },
-            ],
-            granularity: 64 * KIB,
-            workdir: self.dir.path().to_path_buf(),
-            nbd: NbdEndpoint { socket: self.nbd.clone() },
-            test_stagger: None,
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+fn tracker(vm: &Vm) -> Tracker {
+    Tracker {
+        vm: "0a1b2c3d".into(),
+        disks: vec![
+            QemuDisk { node: "disk0".into(), persistent_bitmaps: true },
+            QemuDisk { node: "disk1".into(), persistent_bitmaps: false },
+        ],
+        granularity: 64 * KIB,
+        workdir: vm.dir.path().to_path_buf(),
+        nbd: NbdEndpoint { socket: vm.nbd.clone() },
+        test_stagger: None,
     }
 }
 
@@ -129,9 +73,9 @@ fn tern_names(qmp: &mut Qmp) -> Vec<String> {
 
 #[test]
 fn one_cut_freezes_both_disks_and_the_next_bitmap_lists_what_changed_between_cuts() {
-    let vm = Vm::start();
+    let vm = start_vm();
     let mut qmp = Qmp::connect(&vm.qmp, T).unwrap();
-    let t = vm.tracker();
+    let t = tracker(&vm);
     vm.guest("disk0", &[format!("write -P 0xa1 0 {}", 4 * MIB)]);
     vm.guest("disk1", &[format!("write -P 0xb1 {} {}", 8 * MIB, 2 * MIB)]);
 
@@ -253,9 +197,9 @@ fn apply_log(replica: &mut [u8], path: &std::path::Path) {
 #[test]
 #[allow(clippy::needless_range_loop)] // disks are indexed in several arrays at once
 fn five_staged_cycles_rebuild_both_disks_exactly_at_each_cut_while_the_guest_keeps_writing() {
-    let vm = Vm::start();
+    let vm = start_vm();
     let mut qmp = Qmp::connect(&vm.qmp, T).unwrap();
-    let t = vm.tracker();
+    let t = tracker(&vm);
     let size = 32 * MIB as usize;
     let mut model = [vec![0u8; size], vec![0u8; size]];
     let mut rng = Lcg(2026);
@@ -341,9 +285,9 @@ fn five_staged_cycles_rebuild_both_disks_exactly_at_each_cut_while_the_guest_kee
 
 #[test]
 fn over_the_log_budget_nothing_is_sealed_and_merging_the_bitmap_loses_nothing() {
-    let vm = Vm::start();
+    let vm = start_vm();
     let mut qmp = Qmp::connect(&vm.qmp, T).unwrap();
-    let t = vm.tracker();
+    let t = tracker(&vm);
     let size = 32 * MIB;
     let mut c = t.cut(&mut qmp, 1, true).unwrap();
     c.release(&mut qmp).unwrap();
@@ -440,9 +384,9 @@ fn cut_during_writes(vm: &Vm, qmp: &mut Qmp, t: &Tracker, seq: u64) -> (u64, u64
 /// shows the check can fail.
 #[test]
 fn one_cut_sees_both_disks_at_one_instant_and_a_staggered_freeze_is_caught() {
-    let vm = Vm::start();
+    let vm = start_vm();
     let mut qmp = Qmp::connect(&vm.qmp, T).unwrap();
-    let mut t = vm.tracker();
+    let mut t = tracker(&vm);
     for seq in 1..=3 {
         let (d0, d1) = cut_during_writes(&vm, &mut qmp, &t, seq);
         assert!(d1 == d0 || d1 + 1 == d0, "cut {seq}: disk0 at {d0}, disk1 at {d1}: not one instant");

@@ -7,70 +7,19 @@ mod support;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tern_engine::qemu::{Qmp, QmpError};
 
-/// A qemu-storage-daemon serving one qcow2 image as node `disk0` over NBD, with QMP.
-struct Daemon {
-    child: Child,
-    qmp: PathBuf,
-    nbd: PathBuf,
-    _dir: tempfile::TempDir,
+use support::Qsd as Daemon;
+
+fn start() -> Daemon {
+    Daemon::start(&[("qcow2", "16M")])
 }
 
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("disk.qcow2");
-        let out =
-            Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg("16M").output();
-        let out = out.expect("qemu-img is needed (Debian package qemu-utils; scripts/deps installs it)");
-        assert!(out.status.success(), "qemu-img create: {}", String::from_utf8_lossy(&out.stderr));
-        let qmp = dir.path().join("qmp.sock");
-        let nbd = dir.path().join("nbd.sock");
-        let child = support::qemu_storage_daemon()
-            .arg("--blockdev")
-            .arg(format!("driver=file,filename={},node-name=file0", img.display()))
-            .args(["--blockdev", "driver=qcow2,file=file0,node-name=disk0"])
-            .arg("--chardev")
-            .arg(format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()))
-            .args(["--monitor", "chardev=qmp0"])
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
-            .args(["--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect(
-                "qemu-storage-daemon is needed (Debian package qemu-system-common; scripts/deps installs it)",
-            );
-        let until = Instant::now() + Duration::from_secs(20);
-        while !(qmp.exists() && nbd.exists()) {
-            assert!(Instant::now() < until, "qemu-storage-daemon did not create its sockets");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon { child, qmp, nbd, _dir: dir }
-    }
-
-    /// Write through the guest's path (the NBD export) with qemu-io.
-    fn guest_write(&self, pattern: u8, offset: u64, len: u64) {
-        let uri = format!("nbd+unix:///disk0?socket={}", self.nbd.display());
-        let out = Command::new("qemu-io")
-            .args(["-f", "raw", &uri, "-c", &format!("write -P {pattern} {offset} {len}")])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn guest_write(d: &Daemon, pattern: u8, offset: u64, len: u64) {
+    d.guest("disk0", &[format!("write -P {pattern} {offset} {len}")]);
 }
 
 fn connect(p: &Path) -> Qmp {
@@ -85,12 +34,12 @@ fn bitmap(qmp: &mut Qmp, node: &str, name: &str) -> Option<Value> {
 
 #[test]
 fn connects_negotiates_and_reports_the_version() {
-    let d = Daemon::start();
+    let d = start();
     let mut qmp = connect(&d.qmp);
     assert!(qmp.version().major >= 7, "version {}", qmp.version());
     let nodes = qmp.execute("query-named-block-nodes", None).unwrap();
     let names: Vec<&str> = nodes.as_array().unwrap().iter().filter_map(|n| n["node-name"].as_str()).collect();
-    assert!(names.contains(&"disk0") && names.contains(&"file0"), "{names:?}");
+    assert!(names.contains(&"disk0") && names.contains(&"f0"), "{names:?}");
     // A QMP socket serves one client at a time: a second one is told so, clearly.
     let err = Qmp::connect(&d.qmp, Duration::from_millis(500)).unwrap_err();
     assert!(err.to_string().contains("another client probably holds this socket"), "{err}");
@@ -102,7 +51,7 @@ fn connects_negotiates_and_reports_the_version() {
 
 #[test]
 fn a_bitmap_added_in_a_transaction_counts_the_guests_writes() {
-    let d = Daemon::start();
+    let d = start();
     let mut qmp = connect(&d.qmp);
     qmp.transaction(vec![json!({
         "type": "block-dirty-bitmap-add",
@@ -110,8 +59,8 @@ fn a_bitmap_added_in_a_transaction_counts_the_guests_writes() {
     })])
     .unwrap();
     assert_eq!(bitmap(&mut qmp, "disk0", "tern-test-1").unwrap()["count"], 0);
-    d.guest_write(0x5a, 1 << 20, 65536);
-    d.guest_write(0x5b, (3 << 20) + 4096, 4096); // unaligned: dirties one whole granule
+    guest_write(&d, 0x5a, 1 << 20, 65536);
+    guest_write(&d, 0x5b, (3 << 20) + 4096, 4096); // unaligned: dirties one whole granule
     let b = bitmap(&mut qmp, "disk0", "tern-test-1").unwrap();
     assert_eq!(b["count"], 2 * 65536, "{b}");
     assert_eq!(b["granularity"], 65536);
@@ -132,7 +81,7 @@ fn a_bitmap_added_in_a_transaction_counts_the_guests_writes() {
 
 #[test]
 fn refusals_name_the_command_and_the_class() {
-    let d = Daemon::start();
+    let d = start();
     let mut qmp = connect(&d.qmp);
     let err = qmp.execute("tern-no-such-command", None).unwrap_err();
     assert_eq!(err.class(), Some("CommandNotFound"), "{err}");
@@ -143,7 +92,7 @@ fn refusals_name_the_command_and_the_class() {
 
 #[test]
 fn qemu_exiting_is_a_closed_connection_not_a_hang() {
-    let mut d = Daemon::start();
+    let mut d = start();
     let mut qmp = connect(&d.qmp);
     d.child.kill().unwrap();
     d.child.wait().unwrap();

@@ -132,3 +132,65 @@ pub fn qemu_storage_daemon() -> std::process::Command {
     let bin = std::env::var_os("TERN_QEMU_STORAGE_DAEMON").unwrap_or_else(|| "qemu-storage-daemon".into());
     std::process::Command::new(bin)
 }
+
+/// A qemu-storage-daemon, the stand-in for a running VM: disk `i` is node `disk{i}` (on
+/// file node `f{i}`), exported writable over NBD as `disk{i}`: the guest's write path.
+pub struct Qsd {
+    pub child: std::process::Child,
+    pub qmp: PathBuf,
+    pub nbd: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Qsd {
+    /// Start one with a new image per `(format, size)` (`qcow2` or `raw`, qemu-img sizes).
+    pub fn start(disks: &[(&str, &str)]) -> Qsd {
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let qmp = dir.path().join("qmp.sock");
+        let nbd = dir.path().join("nbd.sock");
+        let mut c = qemu_storage_daemon();
+        for (i, (fmt, size)) in disks.iter().enumerate() {
+            let img = dir.path().join(format!("d{i}.{fmt}"));
+            let out = Command::new("qemu-img").args(["create", "-q", "-f", fmt]).arg(&img).arg(size).output();
+            let out = out.expect("qemu-img is needed (Debian package qemu-utils; scripts/deps installs it)");
+            assert!(out.status.success(), "qemu-img create: {}", String::from_utf8_lossy(&out.stderr));
+            c.arg("--blockdev").arg(format!("driver=file,filename={},node-name=f{i}", img.display()));
+            c.arg("--blockdev").arg(format!("driver={fmt},file=f{i},node-name=disk{i}"));
+        }
+        c.arg("--chardev").arg(format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()));
+        c.args(["--monitor", "chardev=qmp0"]);
+        c.arg("--nbd-server").arg(format!("addr.type=unix,addr.path={}", nbd.display()));
+        for i in 0..disks.len() {
+            c.arg("--export").arg(format!("type=nbd,id=g{i},node-name=disk{i},name=disk{i},writable=on"));
+        }
+        let child = c.stdout(Stdio::null()).spawn().expect(
+            "qemu-storage-daemon is needed (Debian package qemu-system-common; scripts/deps installs it)",
+        );
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !(qmp.exists() && nbd.exists()) {
+            assert!(std::time::Instant::now() < until, "qemu-storage-daemon did not create its sockets");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Qsd { child, qmp, nbd, dir }
+    }
+
+    /// Run qemu-io commands on export `disk` (the guest writing).
+    pub fn guest(&self, disk: &str, cmds: &[String]) {
+        let uri = format!("nbd+unix:///{disk}?socket={}", self.nbd.display());
+        let mut c = std::process::Command::new("qemu-io");
+        c.args(["-f", "raw", &uri]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
