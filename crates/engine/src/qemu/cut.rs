@@ -12,7 +12,7 @@
 //! Everything created is named `tern-...` and removed by tern; nothing else in QEMU
 //! is touched.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
@@ -113,40 +113,20 @@ impl Tracker {
 }
 
 fn cut(qmp: &mut Qmp, t: &Tracker, seq: u64, first: bool) -> Result<FrozenCut, QmpError> {
-    let (vm, disks, granularity, workdir, nbd) = (&t.vm, &t.disks, t.granularity, &t.workdir, &t.nbd);
-    let mut frozen = Vec::with_capacity(disks.len());
+    let (vm, disks, granularity, nbd) = (&t.vm, &t.disks, t.granularity, &t.nbd);
+    // The cut exists from the first node tern adds, so that any failure below takes
+    // down what was already added: nothing of tern's stays in QEMU.
+    let mut cut = FrozenCut { seq, instant: SystemTime::now(), disks: Vec::new(), nbd: nbd.clone() };
     for (i, d) in disks.iter().enumerate() {
-        let size = node_size(qmp, &d.node)?;
-        let fleece_file = workdir.join(format!("tern-fleece-{vm}-{seq}-{i}.qcow2"));
-        create_overlay(&fleece_file, size).map_err(|e| QmpError::Io {
-            path: qmp.path().to_path_buf(),
-            what: format!("create the fleecing overlay {}", fleece_file.display()),
-            source: e,
-        })?;
-        let fleece_node = format!("tern-fleece-{vm}-{i}");
-        qmp.execute(
-            "blockdev-add",
-            Some(json!({
-                "driver": "qcow2", "node-name": fleece_node,
-                "file": { "driver": "file", "filename": fleece_file },
-                "backing": d.node,
-            })),
-        )?;
-        frozen.push(FrozenDisk {
-            node: d.node.clone(),
-            size,
-            export_name: format!("tern-view-{vm}-{i}"),
-            bitmap: (!first).then(|| bitmap_name(vm, seq - 1)),
-            fleece_node,
-            fleece_file,
-            job: format!("tern-backup-{vm}-{i}"),
-            export_id: format!("tern-export-{vm}-{i}"),
-        });
+        if let Err(e) = add_fleece(qmp, t, &mut cut, i, d, first) {
+            let _ = cut.release_nodes(qmp);
+            return Err(e);
+        }
     }
     // One group of actions per disk; all groups in ONE transaction (one instant), unless
     // the test-only stagger asks for one transaction per disk with a pause between.
     let mut groups: Vec<Vec<Value>> = Vec::new();
-    for (d, f) in disks.iter().zip(&frozen) {
+    for (d, f) in disks.iter().zip(&cut.disks) {
         let mut actions: Vec<Value> = Vec::new();
         actions.push(json!({ "type": "block-dirty-bitmap-add", "data": {
             "node": d.node, "name": bitmap_name(vm, seq), "granularity": granularity,
@@ -176,10 +156,9 @@ fn cut(qmp: &mut Qmp, t: &Tracker, seq: u64, first: bool) -> Result<FrozenCut, Q
             done
         }
     };
-    let instant = SystemTime::now();
-    let mut cut = FrozenCut { seq, instant, disks: frozen, nbd: nbd.clone() };
+    cut.instant = SystemTime::now();
     if let Err(e) = done {
-        cut.release_nodes(qmp);
+        let _ = cut.release_nodes(qmp);
         return Err(e);
     }
     for f in &cut.disks {
@@ -196,20 +175,59 @@ fn cut(qmp: &mut Qmp, t: &Tracker, seq: u64, first: bool) -> Result<FrozenCut, Q
     Ok(cut)
 }
 
-fn create_overlay(path: &Path, size: u64) -> std::io::Result<()> {
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(path)
-        .arg(size.to_string())
-        .output()?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "qemu-img create: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
+/// Create disk `i`'s fleecing overlay (an empty qcow2 of the disk's size, written by
+/// tern's own qcow2 writer) and add it as a node whose backing is the disk's node.
+fn add_fleece(
+    qmp: &mut Qmp,
+    t: &Tracker,
+    cut: &mut FrozenCut,
+    i: usize,
+    d: &QemuDisk,
+    first: bool,
+) -> Result<(), QmpError> {
+    let (vm, seq) = (&t.vm, cut.seq);
+    let size = node_size(qmp, &d.node)?;
+    let fleece_file = t.workdir.join(format!("tern-fleece-{vm}-{seq}-{i}.qcow2"));
+    let created = tern_disk::create_disk(
+        &fleece_file,
+        &tern_disk::CreateOptions {
+            format: tern_disk::CreateFormat::Qcow2 { cluster_size: 64 << 10 },
+            virtual_size: size,
+        },
+    )
+    .and_then(|w| w.finish());
+    if let Err(e) = created {
+        let _ = std::fs::remove_file(&fleece_file);
+        return Err(QmpError::Io {
+            path: qmp.path().to_path_buf(),
+            what: format!("create the fleecing overlay {}", fleece_file.display()),
+            source: std::io::Error::other(e.to_string()),
+        });
     }
+    let fleece_node = format!("tern-fleece-{vm}-{i}");
+    let added = qmp.execute(
+        "blockdev-add",
+        Some(json!({
+            "driver": "qcow2", "node-name": fleece_node,
+            "file": { "driver": "file", "filename": fleece_file },
+            "backing": d.node,
+        })),
+    );
+    if let Err(e) = added {
+        let _ = std::fs::remove_file(&fleece_file);
+        return Err(e);
+    }
+    cut.disks.push(FrozenDisk {
+        node: d.node.clone(),
+        size,
+        export_name: format!("tern-view-{vm}-{i}"),
+        bitmap: (!first).then(|| bitmap_name(vm, seq - 1)),
+        fleece_node,
+        fleece_file,
+        job: format!("tern-backup-{vm}-{i}"),
+        export_id: format!("tern-export-{vm}-{i}"),
+    });
+    Ok(())
 }
 
 impl FrozenCut {
@@ -238,17 +256,14 @@ impl FrozenCut {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        if let Err(e) = self.release_nodes_inner(qmp) {
+        if let Err(e) = self.release_nodes(qmp) {
             first.get_or_insert(e);
         }
         first.map_or(Ok(()), Err)
     }
 
-    fn release_nodes(&mut self, qmp: &mut Qmp) {
-        let _ = self.release_nodes_inner(qmp);
-    }
-
-    fn release_nodes_inner(&mut self, qmp: &mut Qmp) -> Result<(), QmpError> {
+    /// Cancel the backup jobs and delete the overlay nodes and files.
+    fn release_nodes(&mut self, qmp: &mut Qmp) -> Result<(), QmpError> {
         let mut first: Option<QmpError> = None;
         let jobs = qmp.execute("query-block-jobs", None)?;
         for f in &self.disks {
