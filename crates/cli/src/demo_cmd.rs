@@ -57,6 +57,7 @@ pub fn run(g: &GlobalArgs, a: DemoArgs) -> Result<ExitCode> {
         firmware: Firmware::Uefi,
         disks: vec![disk.clone().into()],
         store_url: None,
+        qemu: None,
     };
     tern_engine::register_vm(&engine, vm)?;
     outln!("2. registered VM {name}: 2 vCPUs, 2 GiB, UEFI, 1 disk  (tern vm add)");

@@ -81,6 +81,20 @@ pub fn replicate(g: &GlobalArgs, a: ReplicateArgs) -> Result<ExitCode> {
         print_json(&r)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if r.kind != tern_engine::PointKind::Full {
+        for d in &r.disks {
+            outln!(
+                "disk {}: {} changed, {} stored ({} read)",
+                d.disk,
+                ByteSize(d.changed_bytes),
+                ByteSize(d.uploaded_bytes),
+                ByteSize(d.read_bytes)
+            );
+        }
+        let what = if r.kind == tern_engine::PointKind::Delta { "delta" } else { "resync" };
+        outln!("VM {}: {what} point {} ({}) committed to {}", r.vm, r.point_id, r.instant, r.store_url);
+        return Ok(ExitCode::SUCCESS);
+    }
     for d in &r.disks {
         outln!(
             "disk {}: {} in {} chunks: {} uploaded ({}), {} already in the store, {} zero{}",
@@ -134,6 +148,31 @@ struct VmStatus {
     store: String,
     #[serde(flatten)]
     replication: Option<ReplicationStatus>,
+    /// VMs in a running QEMU: their change tracking.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracking: Option<TrackingStatus>,
+}
+
+/// A QEMU VM's change tracking in `tern status`.
+#[derive(Serialize)]
+struct TrackingStatus {
+    /// `initial` (the first full pass is due or running), `delta` (cycles ship only
+    /// changes), `resync` (tracking was lost: the next pass compares every chunk), or
+    /// `error` (the last pass failed: see `last_error`).
+    state: String,
+    /// The newest point tracking committed, and its age in seconds (the achieved RPO).
+    last_point: Option<String>,
+    last_point_age_seconds: Option<u64>,
+    /// The dirty bitmap recording changes since that point.
+    bitmap_seq: u64,
+    last_error: Option<String>,
+}
+
+/// Seconds since the time in a point id (`YYYYMMDDTHHMMSSZ-...`).
+fn point_age(id: &str) -> Option<u64> {
+    let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+    let t = time::PrimitiveDateTime::parse(id.get(..16)?, &fmt).ok()?.assume_utc();
+    u64::try_from((time::OffsetDateTime::now_utc() - t).whole_seconds()).ok()
 }
 
 /// The latest replication of a VM.
@@ -171,8 +210,15 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
     let mut out = Vec::new();
     for vm in vms {
         let store = engine.vm_store_url(&vm).to_string();
+        let tracking = engine.db().tracking(&vm.id)?.map(|t| TrackingStatus {
+            state: if t.last_error.is_some() { "error".into() } else { t.state.clone() },
+            last_point_age_seconds: t.last_point.as_deref().and_then(point_age),
+            last_point: t.last_point,
+            bitmap_seq: t.seq,
+            last_error: t.last_error,
+        });
         let Some(r) = engine.db().last_replication(&vm.id)? else {
-            out.push(VmStatus { vm: vm.name, state: "not replicated", store, replication: None });
+            out.push(VmStatus { vm: vm.name, state: "not replicated", store, replication: None, tracking });
             continue;
         };
         let disks = engine.db().replication_disks(&vm.id, &r.point_id)?;
@@ -199,6 +245,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             vm: vm.name,
             state,
             store,
+            tracking,
             replication: Some(ReplicationStatus {
                 point: r.point_id,
                 point_store: r.store_url,
@@ -233,6 +280,20 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             outln!("{}: {} (store {})", v.vm, v.state, v.store);
             continue;
         };
+        if let Some(t) = &v.tracking {
+            let mut line = format!("{}: {}, tracking {}", v.vm, v.state, t.state);
+            if let (Some(p), Some(age)) = (&t.last_point, t.last_point_age_seconds) {
+                line += &format!(", newest point {p} ({} ago)", fmt_duration(age as f64));
+            }
+            outln!("{line}");
+            if let Some(e) = &t.last_error {
+                outln!("  last error: {e}");
+            }
+            if v.state != "replicating" && v.state != "interrupted" {
+                outln!("  store {}", v.store);
+                continue;
+            }
+        }
         let mut line = format!(
             "{}: {}, point {}: {} / {}",
             v.vm,
@@ -291,8 +352,8 @@ pub fn points(g: &GlobalArgs, a: PointsArgs) -> Result<ExitCode> {
         tern_engine::list_points(&engine, &store, &key, &id).await
     })?;
     if a.json {
-        let manifests: Vec<_> = points.iter().map(|p| &p.manifest).collect();
-        print_json(&manifests)?;
+        let out: Vec<PointJson> = points.iter().map(|p| PointJson::of(&p.manifest)).collect();
+        print_json(&out)?;
         return Ok(ExitCode::SUCCESS);
     }
     if points.is_empty() {
@@ -300,7 +361,11 @@ pub fn points(g: &GlobalArgs, a: PointsArgs) -> Result<ExitCode> {
     }
     for p in &points {
         let m = &p.manifest;
-        outln!("{}  {}", m.point_id, m.instant);
+        let j = PointJson::of(m);
+        match j.delta_bytes {
+            Some(n) => outln!("{}  {}  {}, {} changed", m.point_id, m.instant, j.kind, ByteSize(n)),
+            None => outln!("{}  {}  {}", m.point_id, m.instant, j.kind),
+        }
         for d in &m.disks {
             // The content digest when the point has one (compare with `sha256sum` of
             // the source as of the point), else the index digest.
@@ -319,4 +384,30 @@ pub fn points(g: &GlobalArgs, a: PointsArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One point in `tern points --json`: the manifest as stored, plus what it is.
+#[derive(Serialize)]
+struct PointJson<'a> {
+    /// The point id (also the manifest's `point_id`).
+    id: &'a str,
+    /// `full` (every disk a base of its own) or `delta` (segments on a base).
+    kind: &'static str,
+    /// Delta points: guest bytes this point's own segments changed, all disks.
+    delta_bytes: Option<u64>,
+    #[serde(flatten)]
+    manifest: &'a tern_engine::Manifest,
+}
+
+impl<'a> PointJson<'a> {
+    fn of(m: &'a tern_engine::Manifest) -> PointJson<'a> {
+        let own: Vec<u64> = m.disks.iter().filter_map(|d| d.delta_bytes(&m.point_id)).collect();
+        let delta = m.disks.iter().any(|d| d.base_point.is_some());
+        PointJson {
+            id: &m.point_id,
+            kind: if delta { "delta" } else { "full" },
+            delta_bytes: delta.then(|| own.iter().sum()),
+            manifest: m,
+        }
+    }
 }

@@ -103,12 +103,13 @@ pub fn store(g: &GlobalArgs, cmd: StoreCommand) -> Result<ExitCode> {
                         outln!("problem: {p}");
                     }
                     outln!(
-                        "store {}: {} VM(s), {} point(s), {} chunk reference(s) to {} distinct chunk(s){}: {} problem(s)",
+                        "store {}: {} VM(s), {} point(s), {} chunk reference(s) to {} distinct chunk(s), {} segment piece(s){}: {} problem(s)",
                         r.store_url,
                         r.vms,
                         r.points,
                         r.chunk_refs,
                         r.distinct_chunks,
+                        r.segment_pieces,
                         if read_data { " read and verified" } else { " checked for presence" },
                         r.problems.len()
                     );

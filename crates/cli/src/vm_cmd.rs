@@ -18,26 +18,50 @@ pub enum VmCommand {
     /// Each image's format is detected from its content; a name that says .qcow2,
     /// .vhd or .vhdx on a file that is not one is refused (give --format raw if it is a
     /// raw disk after all). An image can belong to one VM only.
+    ///
+    /// A VM running in QEMU (or qemu-storage-daemon) is added with --qmp instead of
+    /// --disk: tern connects to that QMP socket (one of QEMU's monitors that nothing
+    /// else uses: add `-qmp unix:PATH,server=on,wait=off` to QEMU's command line) and
+    /// discovers the disks: the devices' root nodes, or on qemu-storage-daemon, which
+    /// has no devices, the nodes its exports serve (in node-name order); --node names
+    /// them instead. vCPUs and memory are read from QEMU when it reports them, and the
+    /// firmware is uefi when QEMU has pflash drives. Its replication then tracks
+    /// changes with QEMU's dirty bitmaps: nothing is installed in the guest and the VM
+    /// is not restarted.
     Add {
         /// The VM's name (letters, digits, '-', '_', '.'); names the migrated files.
         name: String,
         /// A disk image (raw, qcow2, VHD, VHDX, or a block device). Repeat for every
         /// disk; the first one boots.
-        #[arg(long = "disk", value_name = "PATH", required = true)]
+        #[arg(long = "disk", value_name = "PATH", required_unless_present = "qmp", conflicts_with = "qmp")]
         disks: Vec<PathBuf>,
         /// The disks' format instead of detecting it: once for every disk, or once per
         /// --disk, in the same order.
-        #[arg(long = "format", value_enum, value_name = "FORMAT")]
+        #[arg(long = "format", value_enum, value_name = "FORMAT", conflicts_with = "qmp")]
         formats: Vec<DiskFormatArg>,
-        /// Virtual CPUs, 1 to 1024.
-        #[arg(long, default_value_t = 2)]
-        cpus: u32,
-        /// Memory, 1M to 64T (binary units: 4G = 4 GiB).
-        #[arg(long, default_value = "2G", value_name = "SIZE")]
-        memory: ByteSize,
-        /// Firmware the guest boots with (uefi = Azure generation 2).
-        #[arg(long, value_enum, default_value_t = FirmwareArg::Bios)]
-        firmware: FirmwareArg,
+        /// The QMP socket of the running QEMU the VM is in.
+        #[arg(long, value_name = "SOCKET")]
+        qmp: Option<PathBuf>,
+        /// With --qmp: a block node that is one of the VM's disks (repeat, boot disk
+        /// first) instead of discovering them.
+        #[arg(long = "node", value_name = "NODE", requires = "qmp")]
+        nodes: Vec<String>,
+        /// With --qmp: the UNIX socket of the NBD server already running in that QEMU
+        /// (a QEMU has one; tern adds its read-only exports to it). Without it, tern
+        /// starts a server of its own for each replication and stops it after.
+        #[arg(long, value_name = "SOCKET", requires = "qmp")]
+        nbd: Option<PathBuf>,
+        /// Virtual CPUs, 1 to 1024 [default: 2, or what QEMU reports].
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory, 1M to 64T (binary units: 4G = 4 GiB) [default: 2G, or what QEMU
+        /// reports].
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<ByteSize>,
+        /// Firmware the guest boots with (uefi = Azure generation 2) [default: bios,
+        /// or uefi when QEMU has pflash drives].
+        #[arg(long, value_enum)]
+        firmware: Option<FirmwareArg>,
         #[command(flatten)]
         data: DataDirArg,
         #[command(flatten)]
@@ -104,8 +128,39 @@ impl DiskFormatArg {
 
 pub fn run(g: &GlobalArgs, cmd: VmCommand) -> Result<ExitCode> {
     match cmd {
-        VmCommand::Add { name, disks, formats, cpus, memory, firmware, data, store } => {
+        VmCommand::Add { name, disks, formats, qmp, nodes, nbd, cpus, memory, firmware, data, store } => {
             let engine = g.with(&data, None, Some(&store)).engine()?;
+            let firmware = firmware.map(|f| match f {
+                FirmwareArg::Bios => Firmware::Bios,
+                FirmwareArg::Uefi => Firmware::Uefi,
+            });
+            if let Some(qmp) = qmp {
+                let spec = tern_engine::QemuVmSpec {
+                    name,
+                    qmp,
+                    nodes,
+                    nbd,
+                    cpus,
+                    memory_bytes: memory.map(|m| m.bytes()),
+                    firmware,
+                };
+                let vm = tern_engine::add_qemu_vm(&engine, &spec)?;
+                outln!(
+                    "added VM {} (running in QEMU, {} disk(s), {} vCPUs, {} memory, id {}), replicating to {}",
+                    vm.name,
+                    vm.disks.len(),
+                    vm.cpus,
+                    ByteSize(vm.memory_bytes),
+                    vm.id,
+                    engine.vm_store_url(&vm)
+                );
+                let q = vm.qemu.as_ref().expect("a QEMU VM");
+                for (i, (d, node)) in vm.disks.iter().zip(&q.nodes).enumerate() {
+                    let fmt = d.format.map_or("?", |f| f.name());
+                    outln!("  disk {i}: node {node} ({fmt}) {}", d.path.display());
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let formats: Vec<Option<tern_disk::Format>> = match formats.len() {
                 0 => vec![None; disks.len()],
                 1 => vec![Some(formats[0].format()); disks.len()],
@@ -118,14 +173,12 @@ pub fn run(g: &GlobalArgs, cmd: VmCommand) -> Result<ExitCode> {
             let vm = VmDef {
                 id: tern_engine::new_vm_id()?,
                 name,
-                cpus,
-                memory_bytes: memory.bytes(),
-                firmware: match firmware {
-                    FirmwareArg::Bios => Firmware::Bios,
-                    FirmwareArg::Uefi => Firmware::Uefi,
-                },
+                cpus: cpus.unwrap_or(2),
+                memory_bytes: memory.map_or(2 << 30, |m| m.bytes()),
+                firmware: firmware.unwrap_or(Firmware::Bios),
                 disks: disks.into_iter().zip(formats).map(|(path, format)| VmDisk { path, format }).collect(),
                 store_url: None,
+                qemu: None,
             };
             let vm = tern_engine::register_vm(&engine, vm)?;
             outln!(

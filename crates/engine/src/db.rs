@@ -15,7 +15,7 @@ use crate::{Error, ErrorKind, Result};
 
 /// Schema version this build writes. NEVER reuse a number: each version's DDL is kept
 /// in [`MIGRATIONS`] so that any older database can be upgraded.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const MIGRATIONS: &[&str] = &[
     // Version 1.
@@ -99,10 +99,62 @@ const MIGRATIONS: &[&str] = &[
         CHECK (format IS NULL OR format IN ('raw', 'qcow2', 'vhd', 'vhdx'));
     ALTER TABLE replications ADD COLUMN run_live_bytes INTEGER;
     "#,
+    // Version 4: VMs in a running QEMU (`vms.qemu`: the QMP socket, the NBD server,
+    // the node of each disk), their change tracking, and disks read from a QEMU view.
+    r#"
+    ALTER TABLE vms ADD COLUMN qemu TEXT;
+    CREATE TABLE tracking (
+        vm_id TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        store_url TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('initial', 'resync', 'delta')),
+        last_point TEXT,
+        last_error TEXT,
+        updated TEXT NOT NULL
+    );
+    CREATE TABLE replication_disks_v4 (
+        vm_id TEXT NOT NULL,
+        point_id TEXT NOT NULL,
+        disk INTEGER NOT NULL,
+        source_path TEXT NOT NULL,
+        read_path TEXT NOT NULL,
+        snapshot_kind TEXT NOT NULL CHECK (snapshot_kind IN ('reflink', 'in-place', 'qemu-view')),
+        source_format TEXT NOT NULL,
+        virtual_size INTEGER NOT NULL,
+        bytes_done INTEGER NOT NULL DEFAULT 0,
+        bytes_uploaded INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'copying', 'done')),
+        PRIMARY KEY (vm_id, point_id, disk),
+        FOREIGN KEY (vm_id, point_id) REFERENCES replications(vm_id, point_id) ON DELETE CASCADE
+    );
+    INSERT INTO replication_disks_v4 SELECT * FROM replication_disks;
+    DROP TABLE replication_disks;
+    ALTER TABLE replication_disks_v4 RENAME TO replication_disks;
+    "#,
 ];
 
-/// id, name, cpus, memory_bytes, firmware, store_url.
-type VmRow = (String, String, i64, i64, String, Option<String>);
+/// A QEMU VM's change tracking, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackingRow {
+    /// VM id.
+    pub vm_id: String,
+    /// The store the tracked points are in.
+    pub store_url: String,
+    /// The bitmap sequence number that records changes since `last_point`.
+    pub seq: u64,
+    /// `initial` or `resync` (a full pass is due or running: the bitmap does not yet
+    /// cover everything since a committed point) or `delta` (it does).
+    pub state: String,
+    /// The newest point this tracking committed.
+    pub last_point: Option<String>,
+    /// The last cycle's error, cleared by a committed point.
+    pub last_error: Option<String>,
+    /// When the row last changed (RFC 3339).
+    pub updated: String,
+}
+
+/// id, name, cpus, memory_bytes, firmware, store_url, qemu.
+type VmRow = (String, String, i64, i64, String, Option<String>, Option<String>);
 
 /// The open state database. One connection behind a mutex: writers are few (one
 /// replication's progress writer, CLI commands) and SQLite serializes them anyway.
@@ -254,7 +306,7 @@ impl StateDb {
             return Err(Error::invalid(format!("a VM named {:?} already exists", vm.name)));
         }
         tx.execute(
-            "INSERT INTO vms (id, name, cpus, memory_bytes, firmware, created, store_url) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO vms (id, name, cpus, memory_bytes, firmware, created, store_url, qemu) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 vm.id,
                 vm.name,
@@ -262,7 +314,12 @@ impl StateDb {
                 to_i64(vm.memory_bytes, "memory")?,
                 vm.firmware.name(),
                 crate::now_rfc3339(),
-                vm.store_url
+                vm.store_url,
+                vm.qemu
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(|e| Error::invalid(format!("encoding the QEMU source: {e}")))?
             ],
         )?;
         for (i, d) in vm.disks.iter().enumerate() {
@@ -280,7 +337,11 @@ impl StateDb {
     }
 
     fn vm_from_row(c: &Connection, row: VmRow) -> Result<VmDef> {
-        let (id, name, cpus, mem, fw, store_url) = row;
+        let (id, name, cpus, mem, fw, store_url, qemu) = row;
+        let qemu = qemu
+            .map(|q| serde_json::from_str(&q))
+            .transpose()
+            .map_err(|e| Error::corrupt(format!("state database: VM {name}'s QEMU source: {e}")))?;
         let mut st = c.prepare("SELECT path, format FROM vm_disks WHERE vm_id = ?1 ORDER BY disk")?;
         let rows = st
             .query_map([&id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))?
@@ -305,13 +366,62 @@ impl StateDb {
             firmware: Firmware::parse(&fw)?,
             disks,
             store_url,
+            qemu,
         })
     }
 
-    const VM_COLS: &'static str = "id, name, cpus, memory_bytes, firmware, store_url";
+    const VM_COLS: &'static str = "id, name, cpus, memory_bytes, firmware, store_url, qemu";
 
     fn vm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+    }
+
+    // ---- Tracking ----
+
+    /// VM `vm_id`'s tracking, if it has any.
+    pub fn tracking(&self, vm_id: &str) -> Result<Option<TrackingRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT vm_id, store_url, seq, state, last_point, last_error, updated FROM tracking WHERE vm_id = ?1",
+                [vm_id],
+                |r| {
+                    Ok(TrackingRow {
+                        vm_id: r.get(0)?,
+                        store_url: r.get(1)?,
+                        seq: to_u64(r.get(2)?),
+                        state: r.get(3)?,
+                        last_point: r.get(4)?,
+                        last_error: r.get(5)?,
+                        updated: r.get(6)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Record VM `row.vm_id`'s tracking (replacing what was there).
+    pub fn set_tracking(&self, row: &TrackingRow) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO tracking (vm_id, store_url, seq, state, last_point, last_error, updated) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                row.vm_id,
+                row.store_url,
+                to_i64(row.seq, "bitmap sequence")?,
+                row.state,
+                row.last_point,
+                row.last_error,
+                crate::now_rfc3339()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Forget VM `vm_id`'s tracking.
+    pub fn remove_tracking(&self, vm_id: &str) -> Result<()> {
+        self.conn().execute("DELETE FROM tracking WHERE vm_id = ?1", [vm_id])?;
+        Ok(())
     }
 
     /// The VM named `name`.
@@ -652,6 +762,7 @@ mod tests {
                 VmDisk { path: "/b.qcow2".into(), format: Some(Format::Qcow2) },
             ],
             store_url: None,
+            qemu: None,
         }
     }
 

@@ -21,6 +21,7 @@
 
 mod catalog;
 pub mod changelog;
+mod cycle;
 mod db;
 mod engine;
 mod error;
@@ -28,9 +29,11 @@ mod lock;
 mod manifest;
 mod migrate;
 mod paths;
+pub mod point;
 pub mod qemu;
 mod replicate;
 pub mod sample;
+pub mod segment;
 pub mod snapshot;
 pub mod throttle;
 mod verify;
@@ -38,23 +41,25 @@ mod vm;
 mod vmdef;
 
 pub use catalog::{find_vm, list_points, PointInfo};
-pub use db::{PointRow, ReplicationDiskRow, ReplicationRow, StateDb, SCHEMA_VERSION};
+pub use cycle::{add_qemu_vm, QemuVmSpec, DEFAULT_LOG_BUDGET};
+pub use db::{PointRow, ReplicationDiskRow, ReplicationRow, StateDb, TrackingRow, SCHEMA_VERSION};
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, ErrorKind, Result};
 pub use lock::{replication_running, RunLock};
 pub use manifest::{
-    check_point_id, new_point_id, Manifest, ManifestDisk, ManifestVm, MANIFEST_FORMAT, MANIFEST_VERSION,
+    check_point_id, new_point_id, next_point_id, Manifest, ManifestDisk, ManifestVm, PieceRef, SegmentRef,
+    MANIFEST_FORMAT, MANIFEST_VERSION,
 };
 pub use migrate::{
     migrate, MigrateEvent, MigrateFormat, MigrateOptions, MigrateReport, MigratedDisk, PointSelector,
 };
 pub use paths::DataDir;
 pub use replicate::{
-    check_threads, remove_vm, replicate, set_vm_store, DiskReport, ReplicateEvent, ReplicateOptions,
-    ReplicateReport,
+    check_threads, remove_vm, replicate, set_vm_store, DiskReport, PointKind, ReplicateEvent,
+    ReplicateOptions, ReplicateReport,
 };
 pub use verify::{verify, Problem, VerifyOptions, VerifyReport};
-pub use vm::{check_name, new_vm_id, parse_format, register_vm, Firmware, VmDef, VmDisk};
+pub use vm::{check_name, new_vm_id, parse_format, register_vm, Firmware, QemuSource, VmDef, VmDisk};
 pub use vmdef::{arm_template, libvirt_xml};
 
 /// Default upload / fetch workers per disk.
@@ -79,4 +84,13 @@ pub(crate) fn now_rfc3339() -> String {
 pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC).replace_nanosecond(0).unwrap_or(t);
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// An instant as RFC 3339 UTC with milliseconds (a cut's instant).
+pub(crate) fn rfc3339_ms(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&fmt).unwrap_or_default()
 }

@@ -9,8 +9,10 @@ use crate::{Error, Result};
 
 /// The `format` field. NEVER CHANGE.
 pub const MANIFEST_FORMAT: &str = "tern-manifest";
-/// The version this build writes; readers refuse versions they do not know.
-pub const MANIFEST_VERSION: u32 = 1;
+/// The newest version this build reads and writes; readers refuse versions they do not
+/// know. A point with no segments whose base is its own is written as version 1 (what
+/// older tern reads); any other as version 2 ([`Manifest::needed_version`]).
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// The VM as recorded in a point: enough to recreate it elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +53,50 @@ pub struct ManifestDisk {
     /// made without it (by a future delta cycle, say) still reads; migrate then hashes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// Version 2: the point whose base index this disk reads (`index_digest` is that
+    /// index's); absent: this point's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_point: Option<String>,
+    /// Version 2: the segments since the base, oldest first; a byte reads from the
+    /// newest segment that covers it, else from the base.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<SegmentRef>,
+}
+
+/// One cycle's segment of a disk, as a manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRef {
+    /// The point (cycle) that wrote it: its pieces are under that point's name.
+    pub point_id: String,
+    /// Guest bytes its extents cover (data and zero).
+    pub changed_bytes: u64,
+    /// Envelope bytes stored.
+    pub stored_bytes: u64,
+    /// Its pieces, in ascending and disjoint guest ranges.
+    pub pieces: Vec<PieceRef>,
+}
+
+/// One piece of a segment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PieceRef {
+    /// First guest byte the piece covers.
+    pub start: u64,
+    /// One past its last.
+    pub end: u64,
+    /// Keyed BLAKE3 (the address function) of the piece's plaintext, hex.
+    pub digest: String,
+}
+
+impl ManifestDisk {
+    /// The point whose base index this disk reads.
+    pub fn base_point<'a>(&'a self, point_id: &'a str) -> &'a str {
+        self.base_point.as_deref().unwrap_or(point_id)
+    }
+
+    /// Guest bytes the newest segment changed, if this point has one of its own.
+    pub fn delta_bytes(&self, point_id: &str) -> Option<u64> {
+        self.segments.last().filter(|s| s.point_id == point_id).map(|s| s.changed_bytes)
+    }
 }
 
 /// A recovery point manifest.
@@ -82,6 +128,24 @@ pub fn new_point_id(instant: time::OffsetDateTime) -> Result<String> {
     Ok(format!("{ts}-{}", hex::encode(r)))
 }
 
+/// A new point id for `instant` that sorts after `after` (the VM's newest point), so
+/// that points made within one second, or after the clock stepped back, still sort
+/// in the order they were made: within `after`'s second (or before it), the id takes
+/// `after`'s time and its random part plus one.
+pub fn next_point_id(instant: time::OffsetDateTime, after: Option<&str>) -> Result<String> {
+    let id = new_point_id(instant)?;
+    let Some(prev) = after else { return Ok(id) };
+    check_point_id(prev)?;
+    if id.as_str() > prev && id[..16] != prev[..16] {
+        return Ok(id);
+    }
+    let n = u32::from_str_radix(&prev[17..], 16).map_err(|_| Error::invalid(format!("point id {prev}")))?;
+    let n = n.checked_add(1).ok_or_else(|| {
+        Error::new(crate::ErrorKind::Busy, format!("no point id sorts after {prev} within its second: retry"))
+    })?;
+    Ok(format!("{}{n:08x}", &prev[..17]))
+}
+
 /// Check a point id's shape (it becomes part of object names).
 pub fn check_point_id(id: &str) -> Result<()> {
     let ok = id.len() == 25
@@ -104,7 +168,26 @@ pub fn index_digest(key: &Key, index: &BaseIndex) -> String {
     chunk_address(key, &index.encode()).to_hex()
 }
 
+fn is_hex64(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 impl Manifest {
+    /// The version a manifest with these disks is written as: 1 when every disk is a
+    /// base of its own with no segments, else 2.
+    pub fn needed_version(disks: &[ManifestDisk]) -> u32 {
+        if disks.iter().all(|d| d.base_point.is_none() && d.segments.is_empty()) {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// Whether any disk has segments (a delta point).
+    pub fn is_delta(&self) -> bool {
+        self.disks.iter().any(|d| !d.segments.is_empty())
+    }
+
     /// Seal into an envelope.
     pub fn seal(&self, key: &Key) -> Result<Vec<u8>> {
         let json = serde_json::to_vec(self).map_err(|e| Error::invalid(format!("encoding manifest: {e}")))?;
@@ -141,9 +224,15 @@ impl Manifest {
                 self.format
             )));
         }
-        if self.version != MANIFEST_VERSION {
+        if !(1..=MANIFEST_VERSION).contains(&self.version) {
             return Err(Error::corrupt(format!(
-                "manifest version {} is not supported (this tern reads version {MANIFEST_VERSION})",
+                "manifest version {} is not supported (this tern reads versions 1 to {MANIFEST_VERSION})",
+                self.version
+            )));
+        }
+        if self.version < Self::needed_version(&self.disks) {
+            return Err(Error::corrupt(format!(
+                "manifest version {} lists segments or another point's base, which need version 2",
                 self.version
             )));
         }
@@ -162,8 +251,46 @@ impl Manifest {
                     d.chunk_count, d.chunk_size, d.virtual_size
                 )));
             }
+            if let Some(base) = &d.base_point {
+                check_point_id(base).map_err(|e| Error::corrupt(format!("manifest disk {i}: base: {e}")))?;
+                if base.as_str() >= self.point_id.as_str() {
+                    return Err(Error::corrupt(format!(
+                        "manifest disk {i}: base point {base} is not older than the point"
+                    )));
+                }
+            }
+            if !d.segments.is_empty() && d.base_point.is_none() {
+                return Err(Error::corrupt(format!(
+                    "manifest disk {i} has segments but names no base point"
+                )));
+            }
+            let mut prev = d.base_point(&self.point_id).to_string();
+            for (k, seg) in d.segments.iter().enumerate() {
+                let bad = |m: String| Error::corrupt(format!("manifest disk {i} segment {k}: {m}"));
+                check_point_id(&seg.point_id).map_err(|e| bad(e.to_string()))?;
+                if seg.point_id <= prev {
+                    return Err(bad(format!(
+                        "point {} is not newer than the base and the segments before it",
+                        seg.point_id
+                    )));
+                }
+                if seg.point_id.as_str() > self.point_id.as_str() {
+                    return Err(bad(format!("point {} is newer than the point itself", seg.point_id)));
+                }
+                prev = seg.point_id.clone();
+                let mut end = 0u64;
+                for (j, p) in seg.pieces.iter().enumerate() {
+                    if p.start < end || p.start > p.end || p.end > d.virtual_size || !is_hex64(&p.digest) {
+                        return Err(bad(format!(
+                            "piece {j} ({}..{}) is out of order, outside the disk or has a malformed digest",
+                            p.start, p.end
+                        )));
+                    }
+                    end = p.end;
+                }
+            }
             if let Some(sha) = &d.sha256 {
-                if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                if !is_hex64(sha) {
                     return Err(Error::corrupt(format!(
                         "manifest disk {i}: sha256 {sha:?} is not 64 hex digits"
                     )));
@@ -190,6 +317,13 @@ mod tests {
         assert!(a.starts_with("20260102T030405Z-"));
         assert!(a < b);
         check_point_id(&a).unwrap();
+        // Within one second, or with the clock stepped back, ids still sort in order.
+        let c = next_point_id(t1, Some(&b)).unwrap();
+        assert!(c > b && c.starts_with("20260102T030406Z-"), "{c}");
+        let d = next_point_id(t2, Some(&c)).unwrap();
+        assert!(d > c, "{d}");
+        let later = time::macros::datetime!(2026-01-02 03:04:07 UTC);
+        assert!(next_point_id(later, Some(&d)).unwrap().starts_with("20260102T030407Z-"));
         for bad in ["", "../x", "20260102T030405Z-0A1B2C3D", "20260102T030405Z_0a1b2c3d"] {
             assert!(check_point_id(bad).is_err(), "{bad}");
         }
@@ -220,6 +354,8 @@ mod tests {
                 data_chunks: 1,
                 index_digest: "00".into(),
                 sha256: Some("ab".repeat(32)),
+                base_point: None,
+                segments: Vec::new(),
             }],
         };
         let env = m.seal(&key).unwrap();
@@ -232,11 +368,11 @@ mod tests {
             assert!(e.to_string().contains("copied or moved"), "{e}");
         }
         let mut bad = m.clone();
-        bad.version = 2;
+        bad.version = 3;
         assert!(Manifest::open(&key, &bad.seal(&key).unwrap(), VM, POINT)
             .unwrap_err()
             .to_string()
-            .contains("version 2"));
+            .contains("version 3"));
         let mut bad = m.clone();
         bad.disks[0].chunk_count = 2;
         assert!(Manifest::open(&key, &bad.seal(&key).unwrap(), VM, POINT).is_err());
@@ -246,6 +382,39 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("sha256"));
+        // Version 2: segments on another point's base.
+        let seg = |id: &str| SegmentRef {
+            point_id: id.into(),
+            changed_bytes: 512,
+            stored_bytes: 600,
+            pieces: vec![PieceRef { start: 0, end: 512, digest: "cd".repeat(32) }],
+        };
+        let mut v2 = m.clone();
+        v2.version = 2;
+        v2.disks[0].base_point = Some("20260102T030403Z-00000000".into());
+        v2.disks[0].segments = vec![seg("20260102T030404Z-00000000"), seg(POINT)];
+        assert_eq!(Manifest::needed_version(&v2.disks), 2);
+        assert_eq!(Manifest::open(&key, &v2.seal(&key).unwrap(), VM, POINT).unwrap(), v2);
+        assert_eq!(v2.disks[0].delta_bytes(POINT), Some(512));
+        let refused = |m: &Manifest, want: &str| {
+            let e = Manifest::open(&key, &m.seal(&key).unwrap(), VM, POINT).unwrap_err();
+            assert!(e.to_string().contains(want), "{want}: {e}");
+        };
+        let mut bad = v2.clone();
+        bad.version = 1;
+        refused(&bad, "need version 2");
+        let mut bad = v2.clone();
+        bad.disks[0].segments.swap(0, 1);
+        refused(&bad, "not newer");
+        let mut bad = v2.clone();
+        bad.disks[0].segments[1].pieces[0].end = 11 << 20;
+        refused(&bad, "outside the disk");
+        let mut bad = v2.clone();
+        bad.disks[0].base_point = Some(POINT.into());
+        refused(&bad, "not older");
+        let mut bad = v2.clone();
+        bad.disks[0].base_point = None;
+        refused(&bad, "names no base point");
         // Written before the field existed: still reads, as None.
         let mut old = m;
         old.disks[0].sha256 = None;

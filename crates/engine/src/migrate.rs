@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Condvar, Mutex};
 
 use sha2::{Digest, Sha256};
-use tern_chunk::{open_chunk_into, open_envelope, BaseIndex, IndexEntry, Key, ObjectKind};
+use tern_chunk::Key;
 use tern_disk::{CreateFormat, CreateOptions};
 use tern_store::Store;
 use tern_types::MIB;
 
-use crate::manifest::index_digest;
+use crate::point::PointReader;
 use crate::{catalog, vmdef, Engine, Error, ErrorKind, Manifest, ManifestDisk, Result};
 
 /// Sector size QEMU counts image sizes in.
@@ -315,73 +315,6 @@ pub fn migrate(
     })
 }
 
-/// Fetch and check the base index of disk `d`.
-pub(crate) async fn fetch_index(
-    key: &Key,
-    store: &Store,
-    vm_id: &str,
-    point_id: &str,
-    d: &ManifestDisk,
-) -> Result<BaseIndex> {
-    let env = store
-        .get_index(vm_id, point_id, d.index)
-        .await
-        .map_err(|e| Error::from(e).context(format!("index of disk {}", d.index)))
-        .map_err(|e| if e.kind() == ErrorKind::NotFound { Error::corrupt(e.to_string()) } else { e })?;
-    let plain = open_envelope(key, ObjectKind::Index, &env)
-        .map_err(|e| Error::from(e).context(format!("index of disk {}", d.index)))?;
-    let index = BaseIndex::decode(&plain)
-        .map_err(|e| Error::from(e).context(format!("index of disk {}", d.index)))?;
-    if index_digest(key, &index) != d.index_digest {
-        return Err(Error::corrupt(format!(
-            "index of disk {} does not match the digest in the manifest: it was replaced or altered",
-            d.index
-        )));
-    }
-    if index.disk_size() != d.virtual_size || index.chunk_size() != d.chunk_size {
-        return Err(Error::corrupt(format!(
-            "index of disk {} disagrees with the manifest on sizes",
-            d.index
-        )));
-    }
-    Ok(index)
-}
-
-/// Fetch and verify one chunk; `range_len` is the guest length it must have.
-pub(crate) async fn fetch_chunk(
-    key: &Key,
-    store: &Store,
-    address: &tern_chunk::ChunkAddress,
-    range_len: u64,
-) -> Result<Vec<u8>> {
-    let len = usize::try_from(range_len)
-        .map_err(|_| Error::corrupt(format!("chunk {address}: length {range_len} is out of range")))?;
-    let mut plain = vec![0u8; len];
-    fetch_chunk_into(key, store, address, &mut plain).await?;
-    Ok(plain)
-}
-
-/// Fetch and verify one chunk into `out`, which is exactly the chunk's guest length:
-/// authenticated, decompressed and hashed back to `address`, or an error naming it.
-pub(crate) async fn fetch_chunk_into(
-    key: &Key,
-    store: &Store,
-    address: &tern_chunk::ChunkAddress,
-    out: &mut [u8],
-) -> Result<()> {
-    let env = store.get_chunk(address).await.map_err(|e| {
-        if e.kind() == tern_store::ErrorKind::NotFound {
-            Error::corrupt(format!("chunk object {address} is missing from the store"))
-        } else {
-            Error::from(e)
-        }
-    })?;
-    // Usually the only reference, so this takes the buffer over without copying.
-    let mut env = Vec::from(env);
-    open_chunk_into(key, address, &mut env, out)?;
-    Ok(())
-}
-
 #[allow(clippy::too_many_arguments)]
 fn restore_disk(
     key: &Key,
@@ -394,7 +327,7 @@ fn restore_disk(
     opts: &MigrateOptions,
     observer: &(dyn Fn(MigrateEvent) + Sync),
 ) -> Result<String> {
-    let index = rt.block_on(fetch_index(key, store, vm_id, point_id, d))?;
+    let point = rt.block_on(PointReader::open(key, store, rt.clone(), vm_id, point_id, d))?;
     let mut writer = tern_disk::create_disk(
         out,
         &CreateOptions {
@@ -406,7 +339,7 @@ fn restore_disk(
         writer.skip_sync();
     }
     observer(MigrateEvent::DiskStart { disk: d.index, total: d.virtual_size });
-    let src = Source { key, store, rt, index: &index, disk: d.index, threads: opts.threads, observer };
+    let src = Source { point: &point, disk: d.index, threads: opts.threads, observer };
     let sha = match (&d.sha256, writer.concurrent()) {
         // The content hash was recorded at replication and every chunk is checked
         // against its address, so chunks need no ordering: each worker writes its own,
@@ -463,10 +396,7 @@ fn hash_image(path: &Path, size: u64) -> Result<String> {
 
 /// Where one disk's chunks come from, for the two ways of writing them.
 struct Source<'a> {
-    key: &'a Key,
-    store: &'a Store,
-    rt: &'a tokio::runtime::Handle,
-    index: &'a BaseIndex,
+    point: &'a PointReader,
     disk: u32,
     threads: usize,
     observer: &'a (dyn Fn(MigrateEvent) + Sync),
@@ -476,38 +406,36 @@ impl Source<'_> {
     /// Workers take chunk numbers in order, fetch and verify each into their own aligned
     /// buffer and write its non-zero pieces; memory is one chunk per worker.
     fn restore_parallel(&self, writer: &dyn tern_disk::ConcurrentWrite) -> Result<()> {
-        let count = self.index.len();
+        let point = self.point;
+        let count = point.chunk_count();
         let next = AtomicUsize::new(0);
         let abort = AtomicBool::new(false);
         let error: Mutex<Option<Error>> = Mutex::new(None);
         std::thread::scope(|s| {
             for _ in 0..self.threads {
                 s.spawn(|| {
-                    let mut buf = tern_disk::AlignedBuf::zeroed(self.index.chunk_size() as usize);
+                    let mut buf = tern_disk::AlignedBuf::zeroed(point.chunk_size() as usize);
                     while !abort.load(Ordering::Relaxed) {
                         let n = next.fetch_add(1, Ordering::Relaxed);
                         if n >= count {
                             break;
                         }
-                        let range = self.index.chunk_range(n);
+                        let range = point.chunk_range(n);
                         let len = (range.end - range.start) as usize;
-                        let res = match self.index.get(n) {
-                            Some(IndexEntry::Chunk(a)) => {
-                                let data = &mut buf[..len];
-                                self.rt.block_on(fetch_chunk_into(self.key, self.store, &a, data)).and_then(
-                                    |()| {
-                                        // Zero pieces are not written: the new image reads
-                                        // them as zero and stays as sparse as the source.
-                                        tern_disk::write_nonzero(
-                                            &mut |p, at| writer.write_at(p, at),
-                                            data,
-                                            range.start,
-                                        )
-                                        .map_err(|e| Error::from(e).context("writing"))
-                                    },
+                        let res = if point.known_zero(range.clone()) {
+                            Ok(())
+                        } else {
+                            let data = &mut buf[..len];
+                            point.read_chunk(n, data).and_then(|_| {
+                                // Zero pieces are not written: the new image reads
+                                // them as zero and stays as sparse as the source.
+                                tern_disk::write_nonzero(
+                                    &mut |p, at| writer.write_at(p, at),
+                                    data,
+                                    range.start,
                                 )
-                            }
-                            _ => Ok(()),
+                                .map_err(|e| Error::from(e).context("writing"))
+                            })
                         };
                         match res {
                             Ok(()) => {
@@ -540,7 +468,7 @@ impl Source<'_> {
         writer: &mut dyn tern_disk::DiskWriter,
         hasher: Option<&mut Sha256>,
     ) -> Result<()> {
-        let (index, count) = (self.index, self.index.len());
+        let (point, count) = (self.point, self.point.chunk_count());
         let window = self.threads * 2;
         let next = AtomicUsize::new(0);
         let abort = AtomicBool::new(false);
@@ -555,7 +483,7 @@ impl Source<'_> {
         std::thread::scope(|s| {
             let hashing = hasher.map(|hasher| {
                 s.spawn(move || {
-                    let zeros = vec![0u8; index.chunk_size() as usize];
+                    let zeros = vec![0u8; point.chunk_size() as usize];
                     for (data, len) in hash_rx {
                         hasher.update(data.as_deref().unwrap_or(&zeros[..len]));
                     }
@@ -579,14 +507,15 @@ impl Source<'_> {
                     if abort.load(Ordering::Relaxed) {
                         break;
                     }
-                    let range = index.chunk_range(n);
-                    let res = match index.get(n) {
-                        Some(IndexEntry::Chunk(a)) => self
-                            .rt
-                            .block_on(fetch_chunk(self.key, self.store, &a, range.end - range.start))
-                            .map(Some)
-                            .map_err(|e| e.context(format!("chunk {n} at offset {}", range.start))),
-                        _ => Ok(None),
+                    let range = point.chunk_range(n);
+                    let res = if point.known_zero(range.clone()) {
+                        Ok(None)
+                    } else {
+                        let mut data = vec![0u8; (range.end - range.start) as usize];
+                        point
+                            .read_chunk(n, &mut data)
+                            .map(|_| Some(data))
+                            .map_err(|e| e.context(format!("chunk {n} at offset {}", range.start)))
                     };
                     let failed = res.is_err();
                     if tx.send((n, res)).is_err() || failed {
@@ -609,7 +538,7 @@ impl Source<'_> {
                 }
                 while error.is_none() {
                     let Some(data) = pending.remove(&expected) else { break };
-                    let range = index.chunk_range(expected);
+                    let range = point.chunk_range(expected);
                     let len = (range.end - range.start) as usize;
                     if let Some(bytes) = &data {
                         // Zero pieces are not written, as in `restore_parallel`.

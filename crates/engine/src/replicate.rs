@@ -38,7 +38,7 @@ use crate::throttle::Throttle;
 use crate::RunLock;
 use crate::{
     Engine, Error, ErrorKind, PointRow, ReplicationDiskRow, ReplicationRow, Result, VmDef, MANIFEST_FORMAT,
-    MANIFEST_VERSION, MAX_THREADS,
+    MAX_THREADS,
 };
 
 /// Options of one replication run.
@@ -131,9 +131,13 @@ pub struct DiskReport {
     pub uploaded_bytes: u64,
     /// Guest bytes read from the image.
     pub read_bytes: u64,
+    /// Delta cycles: guest bytes the disk's changes cover (data and zeros).
+    pub changed_bytes: u64,
     /// How the disk was read: a reflink copy, or the image in place.
     pub snapshot: SnapshotKind,
-    /// SHA-256 of the guest content, hex (as recorded in the manifest).
+    /// SHA-256 of the guest content, hex (as recorded in the manifest); empty (and
+    /// absent from JSON) for a delta point, which does not read the whole disk.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub sha256: String,
 }
 
@@ -144,6 +148,10 @@ pub struct ReplicateReport {
     pub vm: String,
     /// The committed point.
     pub point_id: String,
+    /// What kind of point it is.
+    pub kind: PointKind,
+    /// The point's instant (RFC 3339, UTC).
+    pub instant: String,
     /// The store it was committed to.
     pub store_url: String,
     /// Whether this run resumed an earlier one.
@@ -165,6 +173,9 @@ pub fn replicate(
     check_threads(opts.threads)?;
     let vm = engine.vm(name)?;
     let _running = RunLock::acquire(engine, &vm.id, &vm.name)?;
+    if vm.qemu.is_some() {
+        return crate::cycle::run(engine, &vm, opts, throttle, observer);
+    }
     let url = &engine.replication_store_url(&vm)?;
     let store = engine.open_store_at(url, true)?;
     let rt = engine.runtime()?;
@@ -197,6 +208,40 @@ pub fn replicate(
         Some(x) => x,
         None => start(engine, &vm, url, &cfg, opts, observer)?,
     };
+    full_pass(engine, &rt, &vm, &store, &key, repl, disks, resumed, opts, throttle, observer)
+}
+
+/// The kind of a point a run committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PointKind {
+    /// Every disk read whole (the initial replication, or a VM of image files).
+    Full,
+    /// Only what changed since the previous point, from QEMU's dirty bitmaps.
+    Delta,
+    /// Tracking was lost: every disk read whole and compared with the store by chunk
+    /// digest; only chunks that differ are uploaded.
+    Resync,
+}
+
+/// Read every disk of `repl` whole, store what the store does not have, and commit
+/// the point: the initial replication (and a resync) of any VM.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn full_pass(
+    engine: &Engine,
+    rt: &tokio::runtime::Runtime,
+    vm: &VmDef,
+    store: &Store,
+    key: &Key,
+    repl: ReplicationRow,
+    disks: Vec<ReplicationDiskRow>,
+    resumed: bool,
+    opts: &ReplicateOptions,
+    throttle: &Throttle,
+    observer: &(dyn Fn(ReplicateEvent) + Sync),
+) -> Result<ReplicateReport> {
+    let db = engine.db();
+    let url = &repl.store_url;
     observer(ReplicateEvent::Point { point_id: repl.point_id.clone(), resumed });
     db.mark_run_started(&vm.id, &repl.point_id)?;
     db.record_rate(&vm.id, &repl.point_id, None, 0)?;
@@ -204,12 +249,14 @@ pub fn replicate(
 
     let uploads = AtomicU64::new(0);
     let live = AtomicU64::new(0);
-    let ctx =
-        Ctx { key: &key, store: &store, rt: rt.handle(), throttle, opts, uploads: &uploads, live: &live };
+    let ctx = Ctx { key, store, rt: rt.handle(), throttle, opts, uploads: &uploads, live: &live };
     let mut indexes = Vec::new();
     let mut reports = Vec::new();
     for d in &disks {
-        let (index, report) = replicate_disk(&ctx, engine, &vm, &repl, d, &mut window, observer)?;
+        let label = format!("disk {} ({})", d.disk, d.source_path.display());
+        let view = open_view(d).map_err(|e| e.context(&label))?;
+        let (index, report) =
+            replicate_disk(&ctx, engine, vm, &repl, d, view.as_ref(), &mut window, observer)?;
         indexes.push(index);
         reports.push(report);
     }
@@ -221,13 +268,13 @@ pub fn replicate(
         .map_err(|e| Error::from(e).context("checking for the manifest"))?;
     let manifest = if committed {
         let env = rt.block_on(store.get_manifest(&vm.id, &repl.point_id))?;
-        Manifest::open(&key, &env, &vm.id, &repl.point_id)
+        Manifest::open(key, &env, &vm.id, &repl.point_id)
             .map_err(|e| e.context(format!("manifest of point {}", repl.point_id)))?
     } else {
         // Indexes, then the manifest: the commit point.
         let mut mdisks = Vec::new();
         for ((d, index), report) in disks.iter().zip(&indexes).zip(&reports) {
-            let env = seal(&key, ObjectKind::Index, &index.encode(), 3)?;
+            let env = seal(key, ObjectKind::Index, &index.encode(), 3)?;
             rt.block_on(store.put_index(&vm.id, &repl.point_id, d.disk, Bytes::from(env)))
                 .map_err(|e| Error::from(e).context(format!("storing the index of disk {}", d.disk)))?;
             mdisks.push(ManifestDisk {
@@ -243,13 +290,15 @@ pub fn replicate(
                 chunk_count: index.len() as u64,
                 data_chunks: index.entries().iter().filter(|e| matches!(e, IndexEntry::Chunk(_))).count()
                     as u64,
-                index_digest: index_digest(&key, index),
+                index_digest: index_digest(key, index),
                 sha256: Some(report.sha256.clone()),
+                base_point: None,
+                segments: Vec::new(),
             });
         }
         let manifest = Manifest {
             format: MANIFEST_FORMAT.into(),
-            version: MANIFEST_VERSION,
+            version: Manifest::needed_version(&mdisks),
             point_id: repl.point_id.clone(),
             instant: repl.instant.clone(),
             vm: ManifestVm {
@@ -261,7 +310,7 @@ pub fn replicate(
             },
             disks: mdisks,
         };
-        let env = manifest.seal(&key)?;
+        let env = manifest.seal(key)?;
         rt.block_on(store.put_manifest(&vm.id, &repl.point_id, Bytes::from(env)))
             .map_err(|e| Error::from(e).context("storing the manifest"))?;
         manifest
@@ -275,11 +324,13 @@ pub fn replicate(
         instant: repl.instant.clone(),
         manifest: json,
     })?;
-    release_snapshots(engine, &vm, &repl.point_id, &disks);
+    release_snapshots(engine, vm, &repl.point_id, &disks);
     Ok(ReplicateReport {
         vm: vm.name.clone(),
         point_id: repl.point_id,
         store_url: url.clone(),
+        kind: PointKind::Full,
+        instant: repl.instant.clone(),
         resumed,
         disks: reports,
         store_stats: store.stats(),
@@ -336,6 +387,31 @@ fn release_snapshots(engine: &Engine, vm: &VmDef, point: &str, disks: &[Replicat
 fn open_source(path: &Path, format: Option<tern_disk::Format>) -> Result<Box<dyn Disk>> {
     let o = OpenOptions { allow_backing: true, format, ..OpenOptions::read_only() };
     Ok(tern_disk::open_disk(path, &o)?)
+}
+
+/// The URL of a QEMU view read over NBD, as `replication_disks.read_path` holds it.
+pub(crate) fn nbd_view_url(socket: &Path, export: &str) -> String {
+    format!("nbd+unix:///{export}?socket={}", socket.display())
+}
+
+/// Open what disk `d` of a replication reads: its snapshot, the image in place, or a
+/// QEMU view over NBD.
+fn open_view(d: &ReplicationDiskRow) -> Result<Box<dyn Disk>> {
+    if d.snapshot_kind == SnapshotKind::QemuView.name() {
+        let url = d.read_path.to_string_lossy();
+        let (export, socket) = url
+            .strip_prefix("nbd+unix:///")
+            .and_then(|r| r.split_once("?socket="))
+            .ok_or_else(|| Error::corrupt(format!("state database: QEMU view {url:?} is not an NBD URL")))?;
+        let disk = tern_disk::nbd::NbdDisk::open_unix(Path::new(socket), export, Duration::from_secs(30))
+            .map_err(|e| Error::from(e).context("opening the QEMU view (is the VM's cut still there?)"))?;
+        return Ok(Box::new(disk));
+    }
+    // The format detected when the replication started: a snapshot's name says none.
+    let format = crate::vm::parse_format(&d.source_format).map_err(|_| {
+        Error::corrupt(format!("state database: disk {} has unknown format {:?}", d.disk, d.source_format))
+    })?;
+    open_source(&d.read_path, Some(format))
 }
 
 fn start(
@@ -429,22 +505,19 @@ struct ChunkDone {
     dedup: bool,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn replicate_disk(
     ctx: &Ctx<'_>,
     engine: &Engine,
     vm: &VmDef,
     repl: &ReplicationRow,
     d: &ReplicationDiskRow,
+    disk: &dyn Disk,
     window: &mut RateWindow,
     observer: &(dyn Fn(ReplicateEvent) + Sync),
 ) -> Result<(BaseIndex, DiskReport)> {
     let db = engine.db();
     let label = format!("disk {} ({})", d.disk, d.source_path.display());
-    // The format detected when the replication started: a snapshot's name says none.
-    let format = crate::vm::parse_format(&d.source_format).map_err(|_| {
-        Error::corrupt(format!("state database: {label} has unknown format {:?}", d.source_format))
-    })?;
-    let disk = open_source(&d.read_path, Some(format)).map_err(|e| e.context(&label))?;
     if disk.virtual_size() != d.virtual_size {
         return Err(Error::invalid(format!(
             "{label}: size changed from {} to {} bytes during replication; remove the VM's unfinished replication with `tern vm remove` and add it again",
@@ -489,8 +562,7 @@ fn replicate_disk(
     let mut updates = Vec::new();
     let digest = std::thread::scope(|s| {
         let hashing = {
-            let (abort, done, index, disk, pool, label) =
-                (&abort, &done, &index, disk.as_ref(), &pool, &label);
+            let (abort, done, index, disk, pool, label) = (&abort, &done, &index, disk, &pool, &label);
             s.spawn(move || {
                 let res = hash_disk(disk, index, done, hash_rx, pool);
                 if res.is_err() {
@@ -502,7 +574,7 @@ fn replicate_disk(
         };
         for _ in 0..ctx.opts.threads {
             let (tx, hash_tx) = (tx.clone(), hash_tx.clone());
-            let (next, abort, done, disk, label, pool) = (&next, &abort, &done, disk.as_ref(), &label, &pool);
+            let (next, abort, done, label, pool) = (&next, &abort, &done, &label, &pool);
             let (size, csize) = (d.virtual_size, repl.chunk_size as u64);
             s.spawn(move || {
                 // A buffer is taken before a chunk number, so the chunk the hashing

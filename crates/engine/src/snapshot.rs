@@ -24,6 +24,9 @@ pub enum SnapshotKind {
     /// default: no copy was made.
     #[default]
     InPlace,
+    /// A running QEMU's frozen view of the disk, read over NBD (a `tern vm add --qmp`
+    /// VM); taken down when the pass ends.
+    QemuView,
 }
 
 impl SnapshotKind {
@@ -32,12 +35,15 @@ impl SnapshotKind {
         match self {
             SnapshotKind::Reflink => "reflink",
             SnapshotKind::InPlace => "in-place",
+            SnapshotKind::QemuView => "qemu-view",
         }
     }
 
     /// The kind a name from the state database stands for, if any.
     pub fn from_name(name: &str) -> Option<SnapshotKind> {
-        [SnapshotKind::Reflink, SnapshotKind::InPlace].into_iter().find(|k| k.name() == name)
+        [SnapshotKind::Reflink, SnapshotKind::InPlace, SnapshotKind::QemuView]
+            .into_iter()
+            .find(|k| k.name() == name)
     }
 }
 

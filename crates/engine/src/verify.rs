@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use tern_chunk::{ChunkAddress, IndexEntry, ENVELOPE_OVERHEAD};
 
-use crate::migrate::{fetch_chunk_into, fetch_index};
+use crate::point::{fetch_chunk_into, fetch_index, fetch_piece};
 use crate::{Engine, Manifest, Result};
 
 /// Options.
@@ -72,6 +72,8 @@ pub struct VerifyReport {
     pub chunk_refs: u64,
     /// Distinct chunks checked.
     pub distinct_chunks: u64,
+    /// Segment pieces checked (each once, however many points list it).
+    pub segment_pieces: u64,
     /// Problems.
     pub problems: Vec<Problem>,
 }
@@ -88,6 +90,8 @@ pub fn verify(engine: &Engine, opts: &VerifyOptions) -> Result<VerifyReport> {
     let listed: HashMap<ChunkAddress, u64> = rt.block_on(store.list_chunks())?.into_iter().collect();
     // Result per distinct chunk: None = good, Some(message) = bad.
     let mut checked: HashMap<ChunkAddress, Option<String>> = HashMap::new();
+    // The same, per segment piece (point, disk, piece).
+    let mut pieces: HashMap<(String, u32, usize), Option<String>> = HashMap::new();
     for vm_id in rt.block_on(store.list_vms())? {
         report.vms += 1;
         for point in rt.block_on(store.list_points(&vm_id))? {
@@ -158,6 +162,40 @@ pub fn verify(engine: &Engine, opts: &VerifyOptions) -> Result<VerifyReport> {
                 let read = read_chunks(&key, &store, rt.handle(), &to_read, opts.threads);
                 for ((addr, _), verdict) in to_read.iter().zip(read) {
                     checked.insert(*addr, verdict);
+                }
+                for (si, seg) in d.segments.iter().enumerate() {
+                    for k in 0..seg.pieces.len() {
+                        let id = (seg.point_id.clone(), d.index, k);
+                        let verdict = pieces.entry(id).or_insert_with(|| {
+                            report.segment_pieces += 1;
+                            let res = if opts.read_data {
+                                rt.block_on(fetch_piece(&key, &store, &vm_id, d, si, k)).map(|_| ())
+                            } else {
+                                rt.block_on(store.segment_exists(&vm_id, &seg.point_id, d.index, k as u32))
+                                    .map_err(crate::Error::from)
+                                    .and_then(|found| {
+                                        if found {
+                                            Ok(())
+                                        } else {
+                                            Err(crate::Error::corrupt(format!(
+                                                "segment piece {k} of disk {} from point {} is missing from the store",
+                                                d.index, seg.point_id
+                                            )))
+                                        }
+                                    })
+                            };
+                            res.err().map(|e| e.to_string())
+                        });
+                        if let Some(msg) = verdict {
+                            report.problems.push(Problem {
+                                vm: vm.clone(),
+                                point: point.clone(),
+                                disk: Some(d.index),
+                                chunk: None,
+                                message: msg.clone(),
+                            });
+                        }
+                    }
                 }
                 for &(n, addr) in &refs {
                     if let Some(msg) = &checked[&addr] {

@@ -72,6 +72,22 @@ pub struct VmDef {
     /// --store`) fixes it: the data directory's default store, or the `--store` given
     /// then. Every command about the VM uses it unless `--store` says otherwise.
     pub store_url: Option<String>,
+    /// A VM in a running QEMU (`vm add --qmp`): where to reach it and which node is
+    /// each disk. `None`: image files, read with a snapshot at each replication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<QemuSource>,
+}
+
+/// How tern reaches a running QEMU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuSource {
+    /// Its QMP socket (one tern uses alone).
+    pub qmp: PathBuf,
+    /// The UNIX socket of the NBD server that runs in that QEMU, when one was already
+    /// running (`--nbd`); `None`: tern starts one of its own for each cycle.
+    pub nbd: Option<PathBuf>,
+    /// The block node of each disk, in disk order.
+    pub nodes: Vec<String>,
 }
 
 /// Limits on what `vm add` accepts.

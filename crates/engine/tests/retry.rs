@@ -102,6 +102,7 @@ fn a_failing_upload_is_retried_by_the_store_policy_only() {
             firmware: Firmware::Bios,
             disks: vec![src.into()],
             store_url: None,
+            qemu: None,
         })
         .unwrap();
     let opts = ReplicateOptions { threads: 1, ..Default::default() };

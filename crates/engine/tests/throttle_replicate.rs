@@ -35,6 +35,7 @@ fn a_limited_replication_takes_its_bytes_time_at_the_limit_and_restores_exactly(
             firmware: Firmware::Bios,
             disks: vec![src.clone().into()],
             store_url: None,
+            qemu: None,
         })
         .unwrap();
 

@@ -59,6 +59,10 @@ pub(crate) fn index_path(vm: &VmId, point: &PointId, disk: u32) -> Path {
     Path::from(format!("{VMS}/{}/{POINTS}/{}/disk-{disk}.index", vm.0, point.0))
 }
 
+pub(crate) fn segment_path(vm: &VmId, point: &PointId, disk: u32, piece: u32) -> Path {
+    Path::from(format!("{VMS}/{}/{POINTS}/{}/disk-{disk}.seg-{piece}", vm.0, point.0))
+}
+
 pub(crate) fn manifest_path(vm: &VmId, point: &PointId) -> Path {
     Path::from(format!("{VMS}/{}/{POINTS}/{}/{MANIFEST}", vm.0, point.0))
 }

@@ -47,6 +47,7 @@ enum Object<'a> {
     Config,
     Chunk(&'a ChunkAddress),
     Index(&'a Path),
+    Segment(&'a Path),
     Manifest(&'a Path),
     Listing(&'a Path),
     Other(&'a Path),
@@ -58,6 +59,7 @@ impl fmt::Display for Object<'_> {
             Object::Config => f.write_str(layout::CONFIG),
             Object::Chunk(address) => write!(f, "chunk {address}"),
             Object::Index(path) => write!(f, "base index {path}"),
+            Object::Segment(path) => write!(f, "segment {path}"),
             Object::Manifest(path) => write!(f, "manifest {path}"),
             Object::Listing(path) => write!(f, "listing {path}/"),
             Object::Other(path) => write!(f, "object {path}"),
@@ -167,25 +169,72 @@ impl Store {
         pacer: &dyn Pacer,
     ) -> Result<()> {
         let path = layout::chunk_path(address);
-        let object = Object::Chunk(address);
+        match self.put_paced(&path, envelope, PutMode::Create, &Object::Chunk(address), pacer).await {
+            // Stored by another writer meanwhile: the same chunk.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn put_paced(
+        &self,
+        path: &Path,
+        envelope: Bytes,
+        mode: PutMode,
+        object: &Object<'_>,
+        pacer: &dyn Pacer,
+    ) -> Result<()> {
         match &self.parts {
             Parts::Staged(local) => {
                 let first = paced::next_part(pacer, envelope.len());
-                match self.put_local(local, &path, envelope, PutMode::Create, &object, first, pacer).await {
-                    // Stored by another writer meanwhile: the same chunk.
-                    Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
-                    other => other,
-                }
+                self.put_local(local, path, envelope, mode, object, first, pacer).await
             }
             Parts::Body => {
-                let put = self.put_counted(&path, envelope, PutMode::Create, &object, Count::Parts);
-                match paced::body::paced(pacer, self.counters.clone(), put).await {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
-                    Err(e) => Err(e),
-                }
+                let put = self.put_counted(path, envelope, mode, object, Count::Parts);
+                paced::body::paced(pacer, self.counters.clone(), put).await
             }
         }
+    }
+
+    /// Store piece `piece` of disk `disk`'s segment in point `point` of VM `vm`
+    /// (docs/formats/segment.md), paced like [`Store::put_chunk_paced`]. A piece of a
+    /// point that is not committed yet may be written again (a retried cycle); once the
+    /// point's manifest exists this is refused with [`ErrorKind::AlreadyExists`].
+    pub async fn put_segment_paced(
+        &self,
+        vm: &str,
+        point: &str,
+        disk: u32,
+        piece: u32,
+        envelope: Bytes,
+        pacer: &dyn Pacer,
+    ) -> Result<()> {
+        let (vm, point) = self.ids(vm, point)?;
+        let path = layout::segment_path(&vm, &point, disk, piece);
+        let object = Object::Segment(&path);
+        let manifest = layout::manifest_path(&vm, &point);
+        if self.exists(&manifest, &Object::Manifest(&manifest)).await? {
+            return Err(self.error(
+                ErrorKind::AlreadyExists,
+                &object,
+                "the point's manifest exists: a committed point is never changed",
+            ));
+        }
+        self.put_paced(&path, envelope, PutMode::Overwrite, &object, pacer).await
+    }
+
+    /// Fetch a segment piece envelope.
+    pub async fn get_segment(&self, vm: &str, point: &str, disk: u32, piece: u32) -> Result<Bytes> {
+        let (vm, point) = self.ids(vm, point)?;
+        let path = layout::segment_path(&vm, &point, disk, piece);
+        self.get(&path, &Object::Segment(&path)).await
+    }
+
+    /// Whether a segment piece exists.
+    pub async fn segment_exists(&self, vm: &str, point: &str, disk: u32, piece: u32) -> Result<bool> {
+        let (vm, point) = self.ids(vm, point)?;
+        let path = layout::segment_path(&vm, &point, disk, piece);
+        self.exists(&path, &Object::Segment(&path)).await
     }
 
     /// Fetch a chunk envelope.

@@ -308,3 +308,144 @@ pub fn merge_bitmap(qmp: &mut Qmp, node: &str, from: &str, into: &str) -> Result
         json!({ "type": "block-dirty-bitmap-remove", "data": { "node": node, "name": from } }),
     ])
 }
+
+/// One dirty bitmap of a node, as `query-named-block-nodes` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// Its name.
+    pub name: String,
+    /// Whether it is recording writes (enabled).
+    pub recording: bool,
+    /// Whether QEMU flags it inconsistent (a persistent bitmap QEMU did not close
+    /// cleanly): its content cannot be trusted.
+    pub inconsistent: bool,
+}
+
+/// The dirty bitmaps on `node`.
+pub fn bitmaps(qmp: &mut Qmp, node: &str) -> Result<Vec<BitmapInfo>, QmpError> {
+    let nodes = qmp.execute("query-named-block-nodes", Some(json!({ "flat": true })))?;
+    let n = nodes.as_array().and_then(|a| a.iter().find(|n| n["node-name"] == node)).ok_or_else(|| {
+        QmpError::Protocol {
+            path: qmp.path().to_path_buf(),
+            message: format!("QEMU has no block node {node:?} (query-named-block-nodes)"),
+        }
+    })?;
+    Ok(n["dirty-bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| {
+                    Some(BitmapInfo {
+                        name: b["name"].as_str()?.to_string(),
+                        recording: b["recording"].as_bool().unwrap_or(false),
+                        inconsistent: b["inconsistent"].as_bool().unwrap_or(false),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+impl Tracker {
+    /// Take down what a killed run of tern left in QEMU for this VM (exports, backup
+    /// jobs, overlay nodes) and the overlay files in the work folder. Bitmaps are not
+    /// touched here: [`Tracker::reconcile`] decides about them. Only names tern gives
+    /// are looked for; everything else in QEMU is left alone.
+    pub fn clean_leftovers(&self, qmp: &mut Qmp) -> Result<(), QmpError> {
+        let vm = &self.vm;
+        let mut cut =
+            FrozenCut { seq: 0, instant: SystemTime::now(), disks: Vec::new(), nbd: self.nbd.clone() };
+        let exports = qmp.execute("query-block-exports", None)?;
+        let nodes = qmp.execute("query-named-block-nodes", Some(json!({ "flat": true })))?;
+        let has = |v: &Value, field: &str, name: &str| {
+            v.as_array().is_some_and(|a| a.iter().any(|x| x[field] == name))
+        };
+        for (i, d) in self.disks.iter().enumerate() {
+            let f = FrozenDisk {
+                node: d.node.clone(),
+                size: 0,
+                export_name: format!("tern-view-{vm}-{i}"),
+                bitmap: None,
+                fleece_node: format!("tern-fleece-{vm}-{i}"),
+                fleece_file: PathBuf::new(),
+                job: format!("tern-backup-{vm}-{i}"),
+                export_id: format!("tern-export-{vm}-{i}"),
+            };
+            if has(&exports, "id", &f.export_id) || has(&nodes, "node-name", &f.fleece_node) {
+                cut.disks.push(f);
+            }
+        }
+        let res = if cut.disks.is_empty() { Ok(()) } else { cut.release(qmp) };
+        if let Ok(dir) = std::fs::read_dir(&self.workdir) {
+            let prefix = format!("tern-fleece-{vm}-");
+            for e in dir.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        res
+    }
+
+    /// Bring the VM's bitmaps to the state "bitmap `seq` records every change since
+    /// the last committed point" after a failed or killed cycle: bitmaps older than
+    /// `seq` (their points are committed) are removed; newer ones (a cut not committed)
+    /// are merged into `seq`, which is enabled again; per disk in one transaction, so
+    /// no write falls between. Returns `false` (and changes nothing) when bitmap `seq`
+    /// is missing or inconsistent on any disk: tracking was lost (QEMU restarted
+    /// without a clean close, a raw disk's bitmap, someone removed it), and the caller
+    /// must resync.
+    pub fn reconcile(&self, qmp: &mut Qmp, seq: u64) -> Result<bool, QmpError> {
+        let prefix = format!("tern-{}-", self.vm);
+        let want = bitmap_name(&self.vm, seq);
+        let mut plans = Vec::new();
+        for d in &self.disks {
+            let ours: Vec<(u64, BitmapInfo)> = bitmaps(qmp, &d.node)?
+                .into_iter()
+                .filter_map(|b| Some((b.name.strip_prefix(&prefix)?.parse::<u64>().ok()?, b)))
+                .collect();
+            match ours.iter().find(|(n, _)| *n == seq) {
+                Some((_, b)) if !b.inconsistent => plans.push((d, ours.clone(), b.recording)),
+                _ => return Ok(false),
+            }
+        }
+        for (d, ours, recording) in plans {
+            let mut actions = Vec::new();
+            let newer: Vec<&str> =
+                ours.iter().filter(|(n, _)| *n > seq).map(|(_, b)| b.name.as_str()).collect();
+            if !newer.is_empty() {
+                actions.push(json!({ "type": "block-dirty-bitmap-merge",
+                    "data": { "node": d.node, "target": want, "bitmaps": newer } }));
+            }
+            if !recording {
+                actions.push(
+                    json!({ "type": "block-dirty-bitmap-enable", "data": { "node": d.node, "name": want } }),
+                );
+            }
+            for (n, b) in &ours {
+                if *n != seq {
+                    actions.push(json!({ "type": "block-dirty-bitmap-remove",
+                        "data": { "node": d.node, "name": b.name } }));
+                }
+            }
+            if !actions.is_empty() {
+                qmp.transaction(actions)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Remove every bitmap tern made for this VM (before a resync, and at `complete`).
+    /// Returns the names removed, per disk node.
+    pub fn remove_all_bitmaps(&self, qmp: &mut Qmp) -> Result<Vec<(String, String)>, QmpError> {
+        let prefix = format!("tern-{}-", self.vm);
+        let mut removed = Vec::new();
+        for d in &self.disks {
+            for b in bitmaps(qmp, &d.node)?.into_iter().filter(|b| b.name.starts_with(&prefix)) {
+                remove_bitmap(qmp, &d.node, &b.name)?;
+                removed.push((d.node.clone(), b.name));
+            }
+        }
+        Ok(removed)
+    }
+}

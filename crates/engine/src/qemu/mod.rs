@@ -5,5 +5,5 @@ pub mod cut;
 pub mod qmp;
 pub mod stage;
 
-pub use cut::{FrozenCut, FrozenDisk, NbdEndpoint, QemuDisk, Tracker};
+pub use cut::{bitmaps, BitmapInfo, FrozenCut, FrozenDisk, NbdEndpoint, QemuDisk, Tracker};
 pub use qmp::{Qmp, QmpError, QmpVersion};

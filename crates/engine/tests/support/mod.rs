@@ -44,6 +44,7 @@ pub fn add_vm_firmware(engine: &Engine, name: &str, disks: &[PathBuf], firmware:
             firmware,
             disks: disks.iter().cloned().map(Into::into).collect(),
             store_url: None,
+            qemu: None,
         })
         .unwrap();
 }
@@ -140,12 +141,13 @@ pub struct Qsd {
     pub qmp: PathBuf,
     pub nbd: PathBuf,
     pub dir: tempfile::TempDir,
+    args: Vec<std::ffi::OsString>,
 }
 
 impl Qsd {
     /// Start one with a new image per `(format, size)` (`qcow2` or `raw`, qemu-img sizes).
     pub fn start(disks: &[(&str, &str)]) -> Qsd {
-        use std::process::{Command, Stdio};
+        use std::process::Command;
         let dir = tempfile::tempdir().unwrap();
         let qmp = dir.path().join("qmp.sock");
         let nbd = dir.path().join("nbd.sock");
@@ -164,7 +166,15 @@ impl Qsd {
         for i in 0..disks.len() {
             c.arg("--export").arg(format!("type=nbd,id=g{i},node-name=disk{i},name=disk{i},writable=on"));
         }
-        let child = c.stdout(Stdio::null()).spawn().expect(
+        let args: Vec<std::ffi::OsString> = c.get_args().map(|a| a.to_owned()).collect();
+        let child = Self::spawn(&args, &qmp, &nbd);
+        Qsd { child, qmp, nbd, dir, args }
+    }
+
+    fn spawn(args: &[std::ffi::OsString], qmp: &Path, nbd: &Path) -> std::process::Child {
+        let _ = std::fs::remove_file(qmp);
+        let _ = std::fs::remove_file(nbd);
+        let child = qemu_storage_daemon().args(args).stdout(std::process::Stdio::null()).spawn().expect(
             "qemu-storage-daemon is needed (Debian package qemu-system-common; scripts/deps installs it)",
         );
         let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -172,7 +182,56 @@ impl Qsd {
             assert!(std::time::Instant::now() < until, "qemu-storage-daemon did not create its sockets");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        Qsd { child, qmp, nbd, dir }
+        child
+    }
+
+    /// Stop the daemon (SIGKILL when `kill`, else QMP `quit`, a clean close that
+    /// writes persistent bitmaps) and start it again on the same images and sockets.
+    pub fn restart(&mut self, kill: bool) {
+        if kill {
+            let _ = self.child.kill();
+        } else {
+            let mut q =
+                tern_engine::qemu::Qmp::connect(&self.qmp, std::time::Duration::from_secs(10)).unwrap();
+            let _ = q.execute("quit", None);
+        }
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.args, &self.qmp, &self.nbd);
+    }
+
+    /// Write `len` bytes of random data (from `seed`) at `offset` of export `disk`.
+    pub fn guest_random(&self, disk: &str, offset: u64, len: usize, seed: u64) {
+        let file = self.dir.path().join(format!("random-{seed}"));
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(&file, bytes).unwrap();
+        self.guest(disk, &[format!("write -s {} {offset} {len}", file.display())]);
+        std::fs::remove_file(&file).unwrap();
+    }
+
+    /// SHA-256 of export `disk` as the guest sees it now.
+    pub fn guest_sha256(&self, disk: &str) -> String {
+        use sha2::Digest;
+        let mut c =
+            tern_disk::nbd::NbdClient::connect_unix(&self.nbd, disk, &[], std::time::Duration::from_secs(10))
+                .unwrap();
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 4 << 20];
+        let mut off = 0;
+        while off < c.size() {
+            let n = (c.size() - off).min(buf.len() as u64) as usize;
+            c.read(&mut buf[..n], off).unwrap();
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        hex::encode(h.finalize())
     }
 
     /// Run qemu-io commands on export `disk` (the guest writing).

@@ -1,0 +1,172 @@
+//! An operator replicating a VM that runs in QEMU, through the `tern` binary, typing
+//! the commands in the order a person types them: `vm add --qmp` (told what is
+//! missing when QEMU already runs an NBD server), `replicate` (the initial pass),
+//! guest writes, `replicate` again (a delta cycle), `points`, `status`, `migrate`;
+//! then QEMU is killed and restarted, and `replicate` resyncs and says so. A real
+//! qemu-storage-daemon is the running VM; its NBD exports are the guest's write path.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{fails, ok, tern};
+
+struct Qsd {
+    child: Child,
+    args: Vec<String>,
+    qmp: PathBuf,
+    nbd: PathBuf,
+}
+
+impl Qsd {
+    fn start(dir: &Path) -> Qsd {
+        let (qmp, nbd) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
+        let (d0, d1) = (dir.join("web0.qcow2"), dir.join("web1.raw"));
+        for (img, fmt) in [(&d0, "qcow2"), (&d1, "raw")] {
+            let out = Command::new("qemu-img").args(["create", "-q", "-f", fmt]).arg(img).arg("24M").output();
+            assert!(out.expect("qemu-img (qemu-utils) is needed").status.success());
+        }
+        let args = vec![
+            "--blockdev".into(),
+            format!("driver=file,filename={},node-name=f0", d0.display()),
+            "--blockdev".into(),
+            "driver=qcow2,file=f0,node-name=disk0".into(),
+            "--blockdev".into(),
+            format!("driver=file,filename={},node-name=f1", d1.display()),
+            "--blockdev".into(),
+            "driver=raw,file=f1,node-name=disk1".into(),
+            "--chardev".into(),
+            format!("socket,path={},server=on,wait=off,id=qmp0", qmp.display()),
+            "--monitor".into(),
+            "chardev=qmp0".into(),
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", nbd.display()),
+            "--export".into(),
+            "type=nbd,id=g0,node-name=disk0,name=disk0,writable=on".into(),
+            "--export".into(),
+            "type=nbd,id=g1,node-name=disk1,name=disk1,writable=on".into(),
+        ];
+        let child = Self::spawn(&args, &qmp, &nbd);
+        Qsd { child, args, qmp, nbd }
+    }
+
+    fn spawn(args: &[String], qmp: &Path, nbd: &Path) -> Child {
+        let _ = std::fs::remove_file(qmp);
+        let _ = std::fs::remove_file(nbd);
+        let bin =
+            std::env::var_os("TERN_QEMU_STORAGE_DAEMON").unwrap_or_else(|| "qemu-storage-daemon".into());
+        let child = Command::new(bin)
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon (qemu-system-common) is needed");
+        let until = Instant::now() + Duration::from_secs(20);
+        while !(qmp.exists() && nbd.exists()) {
+            assert!(Instant::now() < until, "qemu-storage-daemon did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.args, &self.qmp, &self.nbd);
+    }
+
+    fn uri(&self, disk: &str) -> String {
+        format!("nbd+unix:///{disk}?socket={}", self.nbd.display())
+    }
+
+    fn write(&self, disk: &str, cmd: &str) {
+        let out = Command::new("qemu-io").args(["-f", "raw", &self.uri(disk), "-c", cmd]).output().unwrap();
+        assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// `qemu-img compare` of a migrated image with the guest's disk now.
+    fn same_as_guest(&self, image: &Path, fmt: &str, disk: &str) {
+        let out = Command::new("qemu-img")
+            .args(["compare", "-f", fmt, "-F", "raw"])
+            .arg(image)
+            .arg(self.uri(disk))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {}", image.display(), String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_operator_replicates_a_running_qemu_vm_in_cycles() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    let mut vm = Qsd::start(d.path());
+    vm.write("disk0", "write -P 0x5a 0 6M");
+    vm.write("disk1", "write -P 0x5b 1M 2M");
+
+    // QEMU already serves the guest over NBD: tern says what to add.
+    let err = fails(tern(&data).args(["vm", "add", "web", "--qmp"]).arg(&vm.qmp));
+    assert!(err.contains("--nbd"), "{err}");
+    let out = ok(tern(&data).args(["vm", "add", "web", "--qmp"]).arg(&vm.qmp).arg("--nbd").arg(&vm.nbd));
+    assert!(out.contains("running in QEMU, 2 disk(s)"), "{out}");
+    assert!(out.contains("node disk0 (qcow2)") && out.contains("node disk1 (raw)"), "{out}");
+    // --disk and --qmp are two ways to say what a VM is, not both.
+    let both =
+        tern(&data).args(["vm", "add", "x", "--disk", "/dev/null", "--qmp"]).arg(&vm.qmp).output().unwrap();
+    assert!(!both.status.success());
+    assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
+
+    let first = ok(tern(&data).args(["replicate", "web", "--no-progress"]));
+    assert!(first.contains("recovery point"), "{first}");
+    vm.write("disk0", "write -P 0x61 3M 64k");
+    vm.write("disk1", "write -z 1M 64k");
+    let delta = ok(tern(&data).args(["replicate", "web"]));
+    assert!(delta.contains("delta point"), "{delta}");
+
+    let points = ok(tern(&data).args(["points", "web"]));
+    let kinds: Vec<&str> = points
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .map(|l| l.split_whitespace().nth(2).unwrap())
+        .collect();
+    assert_eq!(kinds, ["full", "delta,"], "{points}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(tern(&data).args(["points", "web", "--json"]))).unwrap();
+    let last = &json.as_array().unwrap()[1];
+    assert_eq!(last["kind"], "delta");
+    assert_eq!(last["delta_bytes"], 2 * 65536);
+    let instant = last["instant"].as_str().unwrap();
+    assert!(instant.len() == 24 && instant.ends_with('Z'), "RFC 3339 with milliseconds: {instant}");
+    let st: serde_json::Value = serde_json::from_str(&ok(tern(&data).args(["status", "--json"]))).unwrap();
+    assert_eq!(st[0]["tracking"]["state"], "delta");
+    assert_eq!(st[0]["tracking"]["last_point"], last["id"]);
+
+    let out = d.path().join("out");
+    ok(tern(&data).args(["migrate", "web", "--format", "qcow2", "--verify", "--out"]).arg(&out));
+    vm.same_as_guest(&out.join("web-disk0.qcow2"), "qcow2", "disk0");
+    vm.same_as_guest(&out.join("web-disk1.qcow2"), "qcow2", "disk1");
+
+    // QEMU killed and started again: the bitmaps are gone; tern notices, says so,
+    // resyncs by comparison and the point is exact.
+    vm.kill_and_restart();
+    vm.write("disk1", "write -P 0x62 5M 64k");
+    let c = tern(&data).args(["replicate", "web"]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&c.stdout), String::from_utf8_lossy(&c.stderr));
+    assert!(c.status.success(), "{stderr}");
+    assert!(stderr.contains("resyncing"), "{stderr}");
+    assert!(stdout.contains("resync point") && stdout.contains("disk 1: 64.0 KiB changed"), "{stdout}");
+    let out = d.path().join("out2");
+    ok(tern(&data).args(["migrate", "web", "--format", "raw", "--out"]).arg(&out));
+    vm.same_as_guest(&out.join("web-disk0.raw"), "raw", "disk0");
+    vm.same_as_guest(&out.join("web-disk1.raw"), "raw", "disk1");
+    let v = ok(tern(&data).args(["store", "verify", "--read-data"]));
+    assert!(v.contains(": 0 problem(s)"), "{v}");
+}

@@ -1,0 +1,876 @@
+//! Replication of a VM in a running QEMU (docs/continuous.md): the first pass reads a
+//! frozen view of every disk whole (the initial replication); every later pass is a
+//! delta cycle that reads only what QEMU's dirty bitmaps say changed, stages it in
+//! change logs beside the data directory, releases the view, and commits the changes
+//! as segments of a version 2 manifest on the previous point's base.
+//!
+//! The tracking state (`tracking` table) says which bitmap records the changes since
+//! the last committed point; [`Tracker::reconcile`] restores that after any failure
+//! or kill, and when it cannot (QEMU restarted without a clean close, a raw disk,
+//! someone removed the bitmap), the pass becomes a resync: a full read compared with
+//! the store by chunk digest, so only what differs is uploaded.
+//!
+//! Order of a delta cycle, each step durable before the next:
+//! 1. clean what a killed run left in QEMU; reconcile the bitmaps to `seq`;
+//! 2. the cut: one transaction adds bitmap `seq+1`, disables `seq`, freezes every disk;
+//! 3. stage: the dirty extents of each view into a sealed change log; release the cut;
+//! 4. upload each log as segment pieces, then the manifest (the commit point);
+//! 5. record `seq+1` and the point in the state database; remove bitmap `seq`; delete
+//!    the logs.
+//!
+//! A failure in 2-4 takes the cut down and merges `seq+1` back into `seq` (nothing is
+//! lost, the next cycle ships the union). A kill between 4 and 5 leaves the point
+//! committed and both bitmaps: reconcile merges them, and the next cycle ships a
+//! superset of the changes, which is still exact.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use serde_json::json;
+use tern_chunk::{chunk_address, seal, Key, ObjectKind};
+use tern_store::Store;
+
+use crate::changelog::{LogHeader, LogReader};
+use crate::manifest::{next_point_id, Manifest, ManifestDisk, PieceRef, SegmentRef};
+use crate::qemu::{NbdEndpoint, QemuDisk, Qmp, QmpError, Tracker};
+use crate::replicate::{full_pass, nbd_view_url, PointKind};
+use crate::snapshot::SnapshotKind;
+use crate::throttle::Throttle;
+use crate::{
+    DiskReport, Engine, Error, ErrorKind, PointRow, ReplicateEvent, ReplicateOptions, ReplicateReport,
+    ReplicationDiskRow, ReplicationRow, Result, TrackingRow, VmDef,
+};
+
+/// How long a QMP command may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Dirty bitmap granularity: 64 KiB, qcow2's default cluster.
+const GRANULARITY: u64 = 64 << 10;
+/// Default per-disk change log budget.
+pub const DEFAULT_LOG_BUDGET: u64 = 16 << 30;
+
+pub(crate) fn qmp_err(e: QmpError) -> Error {
+    let kind = match &e {
+        QmpError::Io { .. } | QmpError::Closed { .. } | QmpError::Timeout { .. } => ErrorKind::Io,
+        _ => ErrorKind::InvalidInput,
+    };
+    Error::new(kind, e.to_string())
+}
+
+/// The work folder of a QEMU VM: fleecing overlays, change logs, the private NBD
+/// socket.
+pub(crate) fn workdir(engine: &Engine, vm: &VmDef) -> PathBuf {
+    engine.data_dir().root().join("tracking").join(&vm.id)
+}
+
+/// An NBD server tern started in QEMU for one pass, stopped when dropped.
+struct OwnNbd<'a> {
+    qmp: &'a mut Qmp,
+    started: bool,
+}
+
+impl Drop for OwnNbd<'_> {
+    fn drop(&mut self) {
+        if self.started {
+            let _ = self.qmp.execute("nbd-server-stop", None);
+        }
+    }
+}
+
+/// Start an NBD server on `socket` in QEMU. `Ok(false)`: one is running already.
+pub(crate) fn start_nbd(qmp: &mut Qmp, socket: &Path) -> Result<bool> {
+    let _ = std::fs::remove_file(socket);
+    let args = json!({ "addr": { "type": "unix", "data": { "path": socket } } });
+    match qmp.execute("nbd-server-start", Some(args)) {
+        Ok(_) => Ok(true),
+        Err(e) if e.to_string().contains("already running") => Ok(false),
+        Err(e) => Err(qmp_err(e)),
+    }
+}
+
+/// The tracker of `vm` (a QEMU VM) with its disks' nodes as QEMU reports them now.
+fn tracker(qmp: &mut Qmp, vm: &VmDef, dir: &Path, nbd: PathBuf) -> Result<(Tracker, Vec<(String, u64)>)> {
+    let q = vm.qemu.as_ref().ok_or_else(|| Error::invalid(format!("VM {} is not in a QEMU", vm.name)))?;
+    let nodes = qmp.execute("query-named-block-nodes", Some(json!({ "flat": true }))).map_err(qmp_err)?;
+    let mut disks = Vec::new();
+    let mut formats = Vec::new();
+    for (i, node) in q.nodes.iter().enumerate() {
+        let n = nodes
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["node-name"] == node.as_str()))
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "disk {i} of VM {}: QEMU at {} has no block node {node:?} any more",
+                        vm.name,
+                        q.qmp.display()
+                    ),
+                )
+            })?;
+        let drv = n["drv"].as_str().unwrap_or("raw").to_string();
+        disks.push(QemuDisk { node: node.clone(), persistent_bitmaps: drv == "qcow2" });
+        formats.push((drv, n["image"]["virtual-size"].as_u64().unwrap_or(0)));
+    }
+    let t = Tracker {
+        vm: vm.id[..8].to_string(),
+        disks,
+        granularity: GRANULARITY,
+        workdir: dir.to_path_buf(),
+        nbd: NbdEndpoint { socket: nbd },
+        test_stagger: None,
+    };
+    Ok((t, formats))
+}
+
+/// What this pass does.
+enum Plan {
+    /// Read every disk whole and store it (no point yet): bitmap `seq` starts with
+    /// the cut.
+    Full { seq: u64, why: Option<String> },
+    /// Tracking was lost: read every disk whole and ship, as a delta on point `base`,
+    /// what differs from it; bitmap `seq` starts with the cut.
+    Resync { seq: u64, base: String, why: Option<String> },
+    /// Ship what bitmap `seq` recorded since point `base`.
+    Delta { seq: u64, base: String },
+}
+
+/// One replication pass of a QEMU VM: the initial replication, a delta cycle or a
+/// resync, whichever the tracking state calls for.
+pub(crate) fn run(
+    engine: &Engine,
+    vm: &VmDef,
+    opts: &ReplicateOptions,
+    throttle: &Throttle,
+    observer: &(dyn Fn(ReplicateEvent) + Sync),
+) -> Result<ReplicateReport> {
+    let q = vm.qemu.clone().ok_or_else(|| Error::invalid(format!("VM {} is not in a QEMU", vm.name)))?;
+    let url = engine.replication_store_url(vm)?;
+    let store = engine.open_store_at(&url, true)?;
+    let rt = engine.runtime()?;
+    let (key, _cfg) = rt.block_on(engine.key_for_writing(&store))?;
+    let db = engine.db();
+    if vm.store_url.is_none() {
+        db.vm_set_store(&vm.id, &url)?;
+    }
+    let dir = workdir(engine, vm);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let mut qmp = Qmp::connect(&q.qmp, QMP_TIMEOUT).map_err(qmp_err)?;
+    let nbd_socket = q.nbd.clone().unwrap_or_else(|| dir.join("nbd.sock"));
+    let (tracker, formats) = tracker(&mut qmp, vm, &dir, nbd_socket.clone())?;
+    tracker.clean_leftovers(&mut qmp).map_err(qmp_err)?;
+    let started = match &q.nbd {
+        Some(_) => false,
+        None => {
+            if !start_nbd(&mut qmp, &nbd_socket)? {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "QEMU at {} already runs an NBD server tern did not start: register the VM again \
+                         with `tern vm add ... --nbd SOCKET` naming that server's socket",
+                        q.qmp.display()
+                    ),
+                ));
+            }
+            true
+        }
+    };
+    let own = OwnNbd { qmp: &mut qmp, started };
+    let qmp = &mut *own.qmp;
+
+    let tracking = db.tracking(&vm.id)?;
+    let points = rt.block_on(store.list_points(&vm.id))?;
+    let plan = plan(qmp, &tracker, tracking.as_ref(), &url, &points)?;
+    let ctx = Pass { engine, rt: &rt, vm, store: &store, key: &key, url: &url, opts, throttle, observer };
+    let res = match plan {
+        Plan::Full { seq, why } => {
+            if let Some(why) = why {
+                observer(ReplicateEvent::Warning(why));
+            }
+            ctx.full(qmp, &tracker, &formats, seq, tracking.as_ref(), points.last().map(String::as_str))
+        }
+        Plan::Resync { seq, base, why } => {
+            if let Some(why) = why {
+                observer(ReplicateEvent::Warning(why));
+            }
+            ctx.resync(qmp, &tracker, seq, &base)
+        }
+        Plan::Delta { seq, base } => ctx.delta(qmp, &tracker, seq, &base),
+    };
+    if let Err(e) = &res {
+        if let Ok(Some(mut t)) = db.tracking(&vm.id) {
+            t.last_error = Some(e.to_string());
+            let _ = db.set_tracking(&t);
+        }
+    }
+    res
+}
+
+fn plan(
+    qmp: &mut Qmp,
+    tracker: &Tracker,
+    tracking: Option<&TrackingRow>,
+    url: &str,
+    points: &[String],
+) -> Result<Plan> {
+    let Some(t) = tracking.filter(|t| t.store_url == url) else {
+        let seq = tracking.map_or(1, |t| t.seq + 1);
+        return Ok(Plan::Full { seq, why: None });
+    };
+    // The newest point, if tracking's last point (or a newer one) is still there.
+    let newest = points.last().filter(|p| t.last_point.as_ref().is_some_and(|l| *p >= l)).cloned();
+    let Some(base) = newest else {
+        let why = t
+            .last_point
+            .as_ref()
+            .map(|_| "the point tracking builds on is gone from the store: replicating in full".to_string());
+        return Ok(Plan::Full { seq: t.seq + 1, why });
+    };
+    match t.state.as_str() {
+        "initial" => return Ok(Plan::Full { seq: t.seq + 1, why: None }),
+        "resync" => return Ok(Plan::Resync { seq: t.seq + 1, base, why: None }),
+        _ => {}
+    }
+    if !tracker.reconcile(qmp, t.seq).map_err(qmp_err)? {
+        return Ok(Plan::Resync {
+            seq: t.seq + 1,
+            base,
+            why: Some(
+                "QEMU's dirty bitmap is missing or inconsistent (QEMU restarted or was killed): \
+                 resyncing by comparing every chunk with the last point; only what differs is uploaded"
+                    .into(),
+            ),
+        });
+    }
+    Ok(Plan::Delta { seq: t.seq, base })
+}
+
+struct Pass<'a> {
+    engine: &'a Engine,
+    rt: &'a tokio::runtime::Runtime,
+    vm: &'a VmDef,
+    store: &'a Store,
+    key: &'a Key,
+    url: &'a str,
+    opts: &'a ReplicateOptions,
+    throttle: &'a Throttle,
+    observer: &'a (dyn Fn(ReplicateEvent) + Sync),
+}
+
+fn instant_of(t: SystemTime) -> time::OffsetDateTime {
+    let ms = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+impl Pass<'_> {
+    fn set_tracking(&self, seq: u64, state: &str, last_point: Option<String>) -> Result<()> {
+        self.engine.db().set_tracking(&TrackingRow {
+            vm_id: self.vm.id.clone(),
+            store_url: self.url.to_string(),
+            seq,
+            state: state.into(),
+            last_point,
+            last_error: None,
+            updated: String::new(),
+        })
+    }
+
+    /// The initial replication or a resync: a fresh cut that starts bitmap `seq`, and
+    /// every disk read whole from it.
+    fn full(
+        &self,
+        qmp: &mut Qmp,
+        tracker: &Tracker,
+        formats: &[(String, u64)],
+        seq: u64,
+        before: Option<&TrackingRow>,
+        newest: Option<&str>,
+    ) -> Result<ReplicateReport> {
+        let (db, vm) = (self.engine.db(), self.vm);
+        // An unfinished full pass of a killed run read a view that is gone.
+        if let Some(r) = db.running_replication(&vm.id, self.url)? {
+            db.finish_abandoned(&vm.id, &r.point_id)?;
+        }
+        tracker.remove_all_bitmaps(qmp).map_err(qmp_err)?;
+        // Recorded before the cut: a kill from here on leaves a state that says a full
+        // pass is due, never "delta" with a bitmap that started too late.
+        let last = before.and_then(|t| t.last_point.clone());
+        self.set_tracking(seq, "initial", last)?;
+        let mut cut = tracker.cut(qmp, seq, true).map_err(qmp_err)?;
+        let res = (|| {
+            let instant = instant_of(cut.instant);
+            let point_id = next_point_id(instant, newest)?;
+            let cfg = self.rt.block_on(self.store.read_config())?.ok_or_else(|| {
+                Error::new(ErrorKind::Store, format!("store {} has no config", self.store.url()))
+            })?;
+            let disks: Vec<ReplicationDiskRow> = cut
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, f)| ReplicationDiskRow {
+                    disk: i as u32,
+                    source_path: vm.disks[i].path.clone(),
+                    read_path: PathBuf::from(nbd_view_url(&cut.nbd.socket, &f.export_name)),
+                    snapshot_kind: SnapshotKind::QemuView.name().into(),
+                    source_format: if formats[i].0 == "qcow2" { "qcow2" } else { "raw" }.into(),
+                    virtual_size: f.size,
+                    bytes_done: 0,
+                    bytes_uploaded: 0,
+                    state: "pending".into(),
+                })
+                .collect();
+            let row = ReplicationRow {
+                vm_id: vm.id.clone(),
+                point_id,
+                store_url: self.url.to_string(),
+                state: "running".into(),
+                instant: crate::rfc3339_ms(instant),
+                chunk_size: cfg.chunk_size,
+                run_started: None,
+                run_base_bytes: 0,
+                finished: None,
+                recent_rate: None,
+                run_live_bytes: 0,
+            };
+            db.start_replication(&row, &disks)?;
+            full_pass(
+                self.engine,
+                self.rt,
+                vm,
+                self.store,
+                self.key,
+                row,
+                disks,
+                false,
+                self.opts,
+                self.throttle,
+                self.observer,
+            )
+        })();
+        let released = cut.release(qmp).map_err(qmp_err);
+        let report = res?;
+        self.set_tracking(seq, "delta", Some(report.point_id.clone()))?;
+        released?;
+        Ok(report)
+    }
+
+    /// A delta cycle on point `base`: bitmap `seq` holds what changed since.
+    fn delta(&self, qmp: &mut Qmp, tracker: &Tracker, seq: u64, base: &str) -> Result<ReplicateReport> {
+        let vm = self.vm;
+        let env = self.rt.block_on(self.store.get_manifest(&vm.id, base))?;
+        let base_m =
+            Manifest::open(self.key, &env, &vm.id, base).map_err(|e| e.context(format!("point {base}")))?;
+        if base_m.disks.len() != tracker.disks.len() {
+            return Err(Error::invalid(format!(
+                "point {base} has {} disks, the VM {}: register the VM again",
+                base_m.disks.len(),
+                tracker.disks.len()
+            )));
+        }
+        let mut cut = tracker.cut(qmp, seq + 1, false).map_err(qmp_err)?;
+        let instant = instant_of(cut.instant);
+        let logs_dir = tracker.workdir.join("logs");
+        let staged = (|| {
+            let point_id = next_point_id(instant, Some(base))?;
+            let mut logs = Vec::new();
+            for (i, f) in cut.disks.iter().enumerate() {
+                if f.size != base_m.disks[i].virtual_size {
+                    return Err(Error::invalid(format!(
+                        "disk {i} changed size from {} to {} bytes: a resync is needed",
+                        base_m.disks[i].virtual_size, f.size
+                    )));
+                }
+                let header = LogHeader {
+                    vm_id: vm_id_bytes(&vm.id),
+                    disk: i as u32,
+                    seq: seq + 1,
+                    instant_ms: (instant.unix_timestamp_nanos() / 1_000_000) as u64,
+                    virtual_size: f.size,
+                    granularity: tracker.granularity,
+                };
+                let dir = logs_dir.join(format!("disk-{i}"));
+                let log = crate::qemu::stage::stage_disk(
+                    &cut.nbd.socket,
+                    f,
+                    &dir,
+                    header,
+                    DEFAULT_LOG_BUDGET,
+                    QMP_TIMEOUT,
+                )
+                .map_err(|e| e.context(format!("disk {i}")))?;
+                logs.push(log);
+            }
+            Ok((point_id, logs))
+        })();
+        // The view is needed no longer: the copy-before-write window ends here.
+        let released = cut.release(qmp).map_err(qmp_err);
+        let committed = staged.and_then(|(point_id, logs)| {
+            released?;
+            self.commit_delta(&base_m, base, &point_id, instant, &logs)
+        });
+        let report = match committed {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&logs_dir);
+                // Keep every change for the next cycle.
+                return match tracker.reconcile(qmp, seq) {
+                    Ok(true) => Err(e),
+                    Ok(false) => {
+                        let _ = self.set_tracking(seq, "resync", Some(base.to_string()));
+                        Err(e.context("and the bitmaps could not be merged back (a resync follows)"))
+                    }
+                    Err(qe) => Err(e.context(format!("and merging the bitmaps back failed ({qe})"))),
+                };
+            }
+        };
+        self.set_tracking(seq + 1, "delta", Some(report.point_id.clone()))?;
+        let frozen = crate::qemu::cut::bitmap_name(&tracker.vm, seq);
+        for d in &tracker.disks {
+            // A failure here leaves a bitmap reconcile removes next time.
+            if let Err(e) = crate::qemu::cut::remove_bitmap(qmp, &d.node, &frozen) {
+                (self.observer)(ReplicateEvent::Warning(format!(
+                    "removing bitmap {frozen} from {}: {e}",
+                    d.node
+                )));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&logs_dir);
+        Ok(report)
+    }
+
+    /// A resync on point `base`: a fresh cut starts bitmap `seq`; every disk of it is
+    /// read whole and compared with `base` chunk by chunk (a chunk the base's segments
+    /// do not touch by its address, without fetching it; one they touch by content, at
+    /// the bitmap's granularity), and what differs is committed as a delta point.
+    fn resync(&self, qmp: &mut Qmp, tracker: &Tracker, seq: u64, base: &str) -> Result<ReplicateReport> {
+        let vm = self.vm;
+        let env = self.rt.block_on(self.store.get_manifest(&vm.id, base))?;
+        let base_m =
+            Manifest::open(self.key, &env, &vm.id, base).map_err(|e| e.context(format!("point {base}")))?;
+        tracker.remove_all_bitmaps(qmp).map_err(qmp_err)?;
+        self.set_tracking(seq, "resync", Some(base.to_string()))?;
+        let mut cut = tracker.cut(qmp, seq, true).map_err(qmp_err)?;
+        let instant = instant_of(cut.instant);
+        let logs_dir = tracker.workdir.join("logs");
+        let mut reads = Vec::new();
+        let staged = (|| {
+            if base_m.disks.len() != cut.disks.len() {
+                return Err(Error::invalid(format!(
+                    "point {base} has {} disks, the VM {}: register the VM again",
+                    base_m.disks.len(),
+                    cut.disks.len()
+                )));
+            }
+            let point_id = next_point_id(instant, Some(base))?;
+            let mut logs = Vec::new();
+            for (i, f) in cut.disks.iter().enumerate() {
+                let bd = &base_m.disks[i];
+                if f.size != bd.virtual_size {
+                    return Err(Error::invalid(format!(
+                        "disk {i} changed size from {} to {} bytes: remove the VM and add it again",
+                        bd.virtual_size, f.size
+                    )));
+                }
+                let header = LogHeader {
+                    vm_id: vm_id_bytes(&vm.id),
+                    disk: i as u32,
+                    seq,
+                    instant_ms: (instant.unix_timestamp_nanos() / 1_000_000) as u64,
+                    virtual_size: f.size,
+                    granularity: tracker.granularity,
+                };
+                let view = tern_disk::nbd::NbdDisk::open_unix(&cut.nbd.socket, &f.export_name, QMP_TIMEOUT)
+                    .map_err(|e| Error::from(e).context(format!("disk {i}: opening the view")))?;
+                let prev = self.rt.block_on(crate::point::PointReader::open(
+                    self.key,
+                    self.store,
+                    self.rt.handle().clone(),
+                    &vm.id,
+                    base,
+                    bd,
+                ))?;
+                (self.observer)(ReplicateEvent::DiskStart { disk: i as u32, total: f.size, done: 0 });
+                let mut read = 0u64;
+                let log = compare_into_log(
+                    self.key,
+                    &view,
+                    &prev,
+                    &logs_dir.join(format!("disk-{i}")),
+                    header,
+                    &mut read,
+                    &|n| (self.observer)(ReplicateEvent::Chunk { disk: i as u32, guest_bytes: n }),
+                )
+                .map_err(|e| e.context(format!("disk {i}")))?;
+                logs.push(log);
+                reads.push(read);
+            }
+            Ok((point_id, logs))
+        })();
+        let released = cut.release(qmp).map_err(qmp_err);
+        let committed = staged.and_then(|(point_id, logs)| {
+            released?;
+            self.commit_delta(&base_m, base, &point_id, instant, &logs)
+        });
+        let _ = std::fs::remove_dir_all(&logs_dir);
+        let mut report = committed?;
+        for (d, read) in report.disks.iter_mut().zip(&reads) {
+            d.read_bytes = *read;
+        }
+        self.set_tracking(seq, "delta", Some(report.point_id.clone()))?;
+        report.kind = PointKind::Resync;
+        Ok(report)
+    }
+
+    fn commit_delta(
+        &self,
+        base_m: &Manifest,
+        base: &str,
+        point_id: &str,
+        instant: time::OffsetDateTime,
+        logs: &[crate::changelog::SealedLog],
+    ) -> Result<ReplicateReport> {
+        let (vm, key, store) = (self.vm, self.key, self.store);
+        (self.observer)(ReplicateEvent::Point { point_id: point_id.to_string(), resumed: false });
+        let mut disks = Vec::new();
+        let mut reports = Vec::new();
+        for (i, (bd, log)) in base_m.disks.iter().zip(logs).enumerate() {
+            let reader = LogReader::open(&log.path)?;
+            (self.observer)(ReplicateEvent::DiskStart { disk: i as u32, total: log.changed_bytes, done: 0 });
+            let stored = AtomicU64::new(0);
+            let mut pieces = Vec::new();
+            let pacer = |remaining: u64| self.throttle.grant(remaining);
+            crate::segment::split(&reader, bd.chunk_size as usize, |k, piece| {
+                let plain = piece.encode();
+                let digest = chunk_address(key, &plain).to_hex();
+                let env = Bytes::from(seal(key, ObjectKind::Segment, &plain, self.opts.compression_level)?);
+                stored.fetch_add(env.len() as u64, Ordering::Relaxed);
+                self.rt
+                    .block_on(store.put_segment_paced(&vm.id, point_id, i as u32, k, env, &pacer))
+                    .map_err(|e| Error::from(e).context(format!("storing segment piece {k} of disk {i}")))?;
+                (self.observer)(ReplicateEvent::Chunk { disk: i as u32, guest_bytes: piece.changed_bytes() });
+                pieces.push(PieceRef { start: piece.start, end: piece.end, digest });
+                Ok(())
+            })?;
+            (self.observer)(ReplicateEvent::DiskDone { disk: i as u32 });
+            let mut d = ManifestDisk {
+                base_point: Some(bd.base_point(base).to_string()),
+                sha256: None,
+                ..bd.clone()
+            };
+            let stored = stored.into_inner();
+            if !pieces.is_empty() {
+                d.segments.push(SegmentRef {
+                    point_id: point_id.to_string(),
+                    changed_bytes: log.changed_bytes,
+                    stored_bytes: stored,
+                    pieces,
+                });
+            }
+            reports.push(DiskReport {
+                disk: i as u32,
+                virtual_size: bd.virtual_size,
+                read_bytes: log.data_bytes,
+                uploaded_bytes: stored,
+                changed_bytes: log.changed_bytes,
+                snapshot: SnapshotKind::QemuView,
+                ..Default::default()
+            });
+            disks.push(d);
+        }
+        let manifest = Manifest {
+            format: crate::MANIFEST_FORMAT.into(),
+            version: Manifest::needed_version(&disks),
+            point_id: point_id.to_string(),
+            instant: crate::rfc3339_ms(instant),
+            vm: crate::ManifestVm {
+                id: vm.id.clone(),
+                name: vm.name.clone(),
+                cpus: vm.cpus,
+                memory_bytes: vm.memory_bytes,
+                firmware: vm.firmware,
+            },
+            disks,
+        };
+        let env = manifest.seal(key)?;
+        self.rt
+            .block_on(store.put_manifest(&vm.id, point_id, Bytes::from(env)))
+            .map_err(|e| Error::from(e).context("storing the manifest"))?;
+        let json = serde_json::to_string(&manifest)
+            .map_err(|e| Error::invalid(format!("encoding manifest: {e}")))?;
+        self.engine.db().cache_point(&PointRow {
+            vm_id: vm.id.clone(),
+            point_id: point_id.to_string(),
+            store_url: self.url.to_string(),
+            instant: manifest.instant.clone(),
+            manifest: json,
+        })?;
+        Ok(ReplicateReport {
+            vm: vm.name.clone(),
+            point_id: point_id.to_string(),
+            kind: PointKind::Delta,
+            instant: manifest.instant.clone(),
+            store_url: self.url.to_string(),
+            resumed: false,
+            disks: reports,
+            store_stats: store.stats(),
+        })
+    }
+}
+
+fn vm_id_bytes(id: &str) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    if let Ok(v) = hex::decode(id) {
+        let n = v.len().min(16);
+        b[..n].copy_from_slice(&v[..n]);
+    }
+    b
+}
+
+/// What `tern vm add --qmp` asks for.
+#[derive(Debug, Clone)]
+pub struct QemuVmSpec {
+    /// The VM's name.
+    pub name: String,
+    /// QEMU's QMP socket (one tern may use alone).
+    pub qmp: PathBuf,
+    /// The disks' block nodes; empty: discover them (the devices' root nodes, or on
+    /// qemu-storage-daemon, which has no devices, the nodes its exports serve).
+    pub nodes: Vec<String>,
+    /// The socket of the NBD server already running in QEMU, if one is.
+    pub nbd: Option<PathBuf>,
+    /// vCPUs, memory and firmware when QEMU cannot tell (qemu-storage-daemon) or the
+    /// user says otherwise.
+    pub cpus: Option<u32>,
+    /// See `cpus`.
+    pub memory_bytes: Option<u64>,
+    /// See `cpus`.
+    pub firmware: Option<crate::Firmware>,
+}
+
+/// Register a VM running in QEMU: its disks discovered over QMP, with their image
+/// files, formats and sizes; vCPUs and memory read over QMP where QEMU reports them,
+/// firmware UEFI when QEMU has pflash drives. Checks that tern can cut the VM: the
+/// NBD server (tern's own, or the one named by `nbd`) is usable.
+pub fn add_qemu_vm(engine: &Engine, spec: &QemuVmSpec) -> Result<VmDef> {
+    crate::check_name(&spec.name)?;
+    let qmp_path = std::fs::canonicalize(&spec.qmp)
+        .map_err(|e| Error::io(format!("QMP socket {}", spec.qmp.display()), e))?;
+    let mut qmp = Qmp::connect(&qmp_path, QMP_TIMEOUT).map_err(qmp_err)?;
+    let block = qmp.execute("query-block", None).map_err(qmp_err)?;
+    let devices: Vec<&serde_json::Value> = block.as_array().map(|a| a.iter().collect()).unwrap_or_default();
+    let uefi = devices.iter().any(|d| d["device"].as_str().is_some_and(|n| n.starts_with("pflash")));
+    let mut nodes = spec.nodes.clone();
+    if nodes.is_empty() {
+        nodes = devices
+            .iter()
+            .filter(|d| {
+                d["removable"] != true && !d["device"].as_str().is_some_and(|n| n.starts_with("pflash"))
+            })
+            .filter_map(|d| d["inserted"]["node-name"].as_str().map(String::from))
+            .collect();
+    }
+    if nodes.is_empty() {
+        let exports = qmp.execute("query-block-exports", None).map_err(qmp_err)?;
+        nodes = exports
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|x| !x["id"].as_str().is_some_and(|i| i.starts_with("tern-")))
+                    .filter_map(|x| x["node-name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // QEMU lists exports in no useful order: node-name order (--node to choose).
+        nodes.sort();
+        nodes.dedup();
+    }
+    if nodes.is_empty() {
+        return Err(Error::invalid(format!(
+            "QEMU at {} has no disks tern can find (no devices with media, no exports): name them with --node",
+            qmp_path.display()
+        )));
+    }
+    let all = qmp.execute("query-named-block-nodes", Some(json!({ "flat": true }))).map_err(qmp_err)?;
+    let mut disks = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        if nodes[..i].contains(node) {
+            return Err(Error::invalid(format!("node {node:?} is given twice: give each disk once")));
+        }
+        let n = all.as_array().and_then(|a| a.iter().find(|n| n["node-name"] == node.as_str())).ok_or_else(
+            || {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("QEMU at {} has no block node {node:?}", qmp_path.display()),
+                )
+            },
+        )?;
+        let file = n["file"].as_str().unwrap_or_default();
+        let format = match n["drv"].as_str() {
+            Some("qcow2") => Some(tern_disk::Format::Qcow2),
+            Some("raw") | Some("file") | Some("host_device") => Some(tern_disk::Format::Raw),
+            _ => None,
+        };
+        if n["image"]["virtual-size"].as_u64().unwrap_or(0) == 0 {
+            return Err(Error::invalid(format!("node {node:?} is empty (0 bytes)")));
+        }
+        disks.push(crate::VmDisk { path: PathBuf::from(file), format });
+    }
+    let cpus = match spec.cpus {
+        Some(c) => c,
+        None => qmp
+            .execute("query-cpus-fast", None)
+            .ok()
+            .and_then(|v| v.as_array().map(|a| a.len() as u32))
+            .filter(|&n| n > 0)
+            .unwrap_or(2),
+    };
+    let memory_bytes = match spec.memory_bytes {
+        Some(m) => m,
+        None => qmp
+            .execute("query-memory-size-summary", None)
+            .ok()
+            .and_then(|v| v["base-memory"].as_u64())
+            .unwrap_or(2 << 30),
+    };
+    let firmware = spec.firmware.unwrap_or(if uefi { crate::Firmware::Uefi } else { crate::Firmware::Bios });
+    let mut vm = VmDef {
+        id: crate::new_vm_id()?,
+        name: spec.name.clone(),
+        cpus,
+        memory_bytes,
+        firmware,
+        disks,
+        store_url: engine.explicit_store().map(String::from),
+        qemu: Some(crate::QemuSource { qmp: qmp_path.clone(), nbd: spec.nbd.clone(), nodes: nodes.clone() }),
+    }
+    .validate()?;
+    for other in engine.db().vm_list()? {
+        if let Some(o) = &other.qemu {
+            if o.qmp == qmp_path && o.nodes.iter().any(|n| nodes.contains(n)) {
+                return Err(Error::invalid(format!(
+                    "a disk of this QEMU is already in VM {} (a node can belong to one VM only)",
+                    other.name
+                )));
+            }
+        }
+    }
+    // tern's exports need an NBD server: its own, or the one the user named.
+    match &spec.nbd {
+        None => {
+            let dir = workdir(engine, &vm);
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            let sock = dir.join("nbd.sock");
+            if !start_nbd(&mut qmp, &sock)? {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "QEMU at {} already runs an NBD server (a QEMU has one): give its UNIX socket with --nbd \
+                         so that tern adds its read-only exports there",
+                        qmp_path.display()
+                    ),
+                ));
+            }
+            let _ = qmp.execute("nbd-server-stop", None);
+        }
+        Some(sock) => {
+            vm.qemu.as_mut().expect("set above").nbd = Some(
+                std::fs::canonicalize(sock)
+                    .map_err(|e| Error::io(format!("NBD socket {}", sock.display()), e))?,
+            );
+        }
+    }
+    engine.db().vm_add(&vm)?;
+    Ok(vm)
+}
+
+/// Compare `view` (the disk now) with `prev` (the disk at the last point) chunk by
+/// chunk and write what differs, at the log's granularity, into a change log; adds
+/// the bytes read from `view` to `read`. Returns the sealed log.
+fn compare_into_log(
+    key: &Key,
+    view: &dyn tern_disk::Disk,
+    prev: &crate::point::PointReader,
+    dir: &Path,
+    header: LogHeader,
+    read: &mut u64,
+    progress: &dyn Fn(u64),
+) -> Result<crate::changelog::SealedLog> {
+    use tern_chunk::IndexEntry;
+    let g = header.granularity.max(512) as usize;
+    let mut log = crate::changelog::LogWriter::create(dir, header)?;
+    let mut now = vec![0u8; prev.chunk_size() as usize];
+    let mut then = vec![0u8; prev.chunk_size() as usize];
+    for n in 0..prev.chunk_count() {
+        let r = prev.chunk_range(n);
+        let len = (r.end - r.start) as usize;
+        let (now, then) = (&mut now[..len], &mut then[..len]);
+        let zero_now = view_zero(view, r.clone())?;
+        if zero_now {
+            now.fill(0);
+        } else {
+            view.read_at(now, r.start)?;
+            *read += len as u64;
+        }
+        let untouched = prev.untouched(r.clone());
+        if untouched {
+            // Compared by address first: an unchanged chunk is not fetched.
+            let same = match prev.base_entry(n) {
+                Some(IndexEntry::Chunk(a)) => !zero_now && chunk_address(key, now) == a,
+                _ => tern_disk::is_zero(now),
+            };
+            if same {
+                progress(len as u64);
+                continue;
+            }
+        }
+        // Different (or touched by segments): the old content, to ship only the
+        // granules that differ.
+        match prev.base_entry(n) {
+            Some(IndexEntry::Chunk(_)) => {
+                prev.read_chunk(n, then)?;
+            }
+            _ if untouched => then.fill(0),
+            _ => {
+                prev.read_chunk(n, then)?;
+            }
+        }
+        let mut at = 0usize;
+        while at < len {
+            let e = (at + g).min(len);
+            if now[at..e] != then[at..e] {
+                write_run(&mut log, &now[at..e], r.start + at as u64)?;
+            }
+            at = e;
+        }
+        progress(len as u64);
+    }
+    log.seal()
+}
+
+/// Log `bytes` at `offset`: as zeros when they are.
+fn write_run(log: &mut crate::changelog::LogWriter, bytes: &[u8], offset: u64) -> Result<()> {
+    if tern_disk::is_zero(bytes) {
+        log.zero(offset, bytes.len() as u64)
+    } else {
+        log.data(offset, bytes)
+    }
+}
+
+/// Whether `view` maps all of `range` as zero.
+fn view_zero(view: &dyn tern_disk::Disk, range: std::ops::Range<u64>) -> Result<bool> {
+    let mut off = range.start;
+    while off < range.end {
+        let m = view.mapping(off, range.end - off)?;
+        if m.length == 0 || m.start != off {
+            return Err(Error::corrupt(format!("the view's mapping returned a malformed run at {off}")));
+        }
+        if m.kind == tern_disk::MapKind::Data {
+            return Ok(false);
+        }
+        off = m.end();
+    }
+    Ok(true)
+}

@@ -1,0 +1,172 @@
+//! Continuous replication of a VM in a running QEMU (a real qemu-storage-daemon with a
+//! qcow2 and a raw disk, whose NBD exports are the guest's write path): `vm add --qmp`
+//! discovers the disks, the first replicate is a full pass from a frozen view, every
+//! later one a delta cycle that ships only what the dirty bitmaps say changed. Every
+//! point migrates to exactly the guest's content at its cut; delta points store about
+//! what changed, not whole chunks; killing QEMU loses the bitmaps and the next pass is
+//! a resync that uploads only what differs; nothing of tern's is left in QEMU but the
+//! one bitmap per disk that tracks the next cycle.
+
+mod support;
+
+use std::path::PathBuf;
+
+use tern_engine::{
+    add_qemu_vm, migrate, ErrorKind, MigrateFormat, MigrateOptions, PointKind, PointSelector, QemuVmSpec,
+    ReplicateOptions,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn spec(vm: &support::Qsd, nbd: Option<PathBuf>) -> QemuVmSpec {
+    QemuVmSpec {
+        name: "web".into(),
+        qmp: vm.qmp.clone(),
+        nodes: Vec::new(),
+        nbd,
+        cpus: None,
+        memory_bytes: None,
+        firmware: None,
+    }
+}
+
+/// Names of tern's objects in QEMU: nodes, exports and bitmaps.
+fn tern_objects(vm: &support::Qsd) -> Vec<String> {
+    let mut q = tern_engine::qemu::Qmp::connect(&vm.qmp, std::time::Duration::from_secs(10)).unwrap();
+    let mut out = Vec::new();
+    let nodes = q.execute("query-named-block-nodes", None).unwrap();
+    for n in nodes.as_array().unwrap() {
+        let name = n["node-name"].as_str().unwrap_or("");
+        if name.starts_with("tern-") {
+            out.push(format!("node {name}"));
+        }
+        for b in n["dirty-bitmaps"].as_array().into_iter().flatten() {
+            if b["name"].as_str().is_some_and(|s| s.starts_with("tern-")) {
+                out.push(format!("bitmap {} on {name}", b["name"].as_str().unwrap()));
+            }
+        }
+    }
+    for x in q.execute("query-block-exports", None).unwrap().as_array().unwrap() {
+        if x["id"].as_str().is_some_and(|s| s.starts_with("tern-")) {
+            out.push(format!("export {}", x["id"]));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn migrate_point(h: &support::Host, point: &str, out: &std::path::Path) -> Vec<String> {
+    let r = migrate(
+        &h.engine,
+        "web",
+        &MigrateOptions {
+            point: PointSelector::Id(point.into()),
+            format: MigrateFormat::Raw,
+            out_dir: out.into(),
+            test: false,
+            threads: 3,
+            sync: false,
+            verify: true,
+        },
+        &|_| {},
+    )
+    .unwrap();
+    r.disks.iter().map(|d| support::sha256_file(&d.path)).collect()
+}
+
+#[test]
+fn delta_cycles_ship_only_changes_and_every_point_is_the_guest_at_its_cut() {
+    let h = support::host();
+    let mut vm = support::Qsd::start(&[("qcow2", "32M"), ("raw", "24M")]);
+    // The guest's first content, on both disks.
+    vm.guest("disk0", &["write -P 0x11 0 8M".into(), "write -P 0x12 20M 1M".into()]);
+    vm.guest("disk1", &["write -P 0x21 1M 4M".into()]);
+
+    // qemu-storage-daemon already runs an NBD server (the guest's write path): without
+    // --nbd tern says so and registers nothing.
+    let e = add_qemu_vm(&h.engine, &spec(&vm, None)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    assert!(e.to_string().contains("--nbd"), "{e}");
+    assert!(h.engine.db().vm_list().unwrap().is_empty());
+
+    let def = add_qemu_vm(&h.engine, &spec(&vm, Some(vm.nbd.clone()))).unwrap();
+    assert_eq!(def.disks.len(), 2);
+    assert_eq!(def.disks[0].format, Some(tern_disk::Format::Qcow2));
+    assert_eq!(def.disks[1].format, Some(tern_disk::Format::Raw));
+    assert!(def.disks[0].path.ends_with("d0.qcow2"), "{:?}", def.disks[0].path);
+    assert_eq!(def.qemu.as_ref().unwrap().nodes, ["disk0", "disk1"]);
+
+    let opts = ReplicateOptions { threads: 2, ..Default::default() };
+    let first = support::run_replicate(&h.engine, "web", &opts).unwrap();
+    assert_eq!(first.kind, PointKind::Full);
+    let mut expect = vec![(first.point_id.clone(), vec![vm.guest_sha256("disk0"), vm.guest_sha256("disk1")])];
+
+    // Five cycles of writes: overlapping, unaligned, write-zeroes, discards; random
+    // data, so that sizes mean something after compression.
+    for k in 0..5u64 {
+        vm.guest_random("disk0", (k * 3 + 1) * MIB + 4096, 64 << 10, k * 10 + 1);
+        vm.guest_random("disk0", 2 * MIB + 1000 + k * 700, 5000, k * 10 + 2);
+        vm.guest("disk0", &[format!("write -z {} 128k", (6 + k) * MIB)]);
+        vm.guest_random("disk1", (k + 1) * 2 * MIB, 64 << 10, k * 10 + 3);
+        vm.guest("disk1", &[format!("discard {} 64k", 3 * MIB + k * 65536)]);
+        let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
+        assert_eq!(r.kind, PointKind::Delta, "cycle {k}");
+        assert!(r.instant.contains('.') && r.instant.ends_with('Z'), "milliseconds: {}", r.instant);
+        // About what changed (a 64 KiB granularity rounds each write up), never chunks.
+        let changed: u64 = r.disks.iter().map(|d| d.changed_bytes).sum();
+        let stored: u64 = r.disks.iter().map(|d| d.uploaded_bytes).sum();
+        assert!(changed > 0 && changed <= 8 * 64 * 1024, "cycle {k}: changed {changed}");
+        // Random data does not compress: stored is about the data written (a 64 KiB
+        // granule per write, the zeroes and discards cost nothing), plus envelopes.
+        assert!(stored <= changed + 4096, "cycle {k}: stored {stored} for {changed} changed");
+        let written = 2 * 65536 + 5000;
+        assert!(
+            stored >= written && stored * 10 <= written * 12,
+            "cycle {k}: stored {stored} for {written} written"
+        );
+        expect.push((r.point_id.clone(), vec![vm.guest_sha256("disk0"), vm.guest_sha256("disk1")]));
+    }
+    // A cycle with no writes is a point too, and stores nothing.
+    let idle = support::run_replicate(&h.engine, "web", &opts).unwrap();
+    assert_eq!(idle.kind, PointKind::Delta);
+    assert_eq!(idle.disks.iter().map(|d| d.uploaded_bytes).sum::<u64>(), 0);
+    expect.push((idle.point_id.clone(), vec![vm.guest_sha256("disk0"), vm.guest_sha256("disk1")]));
+
+    // Only the bitmap that tracks the next cycle is left in QEMU.
+    let left = tern_objects(&vm);
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.iter().all(|o| o.starts_with("bitmap tern-")), "{left:?}");
+
+    // Every point, migrated, is the guest at its cut.
+    for (i, (point, shas)) in expect.iter().enumerate() {
+        let out = h.root.join(format!("out-{i}"));
+        assert_eq!(&migrate_point(&h, point, &out), shas, "point {i} ({point})");
+    }
+    let v =
+        tern_engine::verify(&h.engine, &tern_engine::VerifyOptions { read_data: true, ..Default::default() })
+            .unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    assert!(v.segment_pieces >= 10, "{}", v.segment_pieces);
+
+    // QEMU killed: its bitmaps are gone. The next pass notices, resyncs by digest
+    // comparison (uploads only what differs) and is exact.
+    vm.restart(true);
+    vm.guest_random("disk0", 12 * MIB, 64 << 10, 99);
+    let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
+    assert_eq!(r.kind, PointKind::Resync);
+    // Read whole, compared with the last point: only the 64 KiB that differs is sent.
+    let read: u64 = r.disks.iter().map(|d| d.read_bytes).sum();
+    let uploaded: u64 = r.disks.iter().map(|d| d.uploaded_bytes).sum();
+    assert_eq!(r.disks.iter().map(|d| d.changed_bytes).sum::<u64>(), 64 << 10);
+    assert!(uploaded < (64 << 10) + 4096, "resync uploaded {uploaded}");
+    assert!(read >= 64 << 10, "{read}");
+    let shas = vec![vm.guest_sha256("disk0"), vm.guest_sha256("disk1")];
+    assert_eq!(migrate_point(&h, &r.point_id, &h.root.join("out-resync")), shas);
+    // And tracking goes on with deltas.
+    vm.guest("disk1", &["write -P 0x78 0 64k".into()]);
+    let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
+    assert_eq!(r.kind, PointKind::Delta);
+    let shas = vec![vm.guest_sha256("disk0"), vm.guest_sha256("disk1")];
+    assert_eq!(migrate_point(&h, &r.point_id, &h.root.join("out-after")), shas);
+}
