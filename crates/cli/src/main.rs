@@ -11,6 +11,7 @@ macro_rules! outln {
     }};
 }
 
+mod agent_cmd;
 mod demo_cmd;
 mod disk_cmd;
 mod migrate_cmd;
@@ -175,6 +176,23 @@ enum Command {
     Status(replicate_cmd::StatusArgs),
     /// List a VM's recovery points (read from the store).
     Points(replicate_cmd::PointsArgs),
+    /// The long-running data mover: replicates every VM with replication enabled
+    /// (`tern replicate NAME --frequency ...`) at its frequency, one pass after
+    /// another: the initial replication, then a delta cycle each time (for VMs in
+    /// QEMU; VMs of image files get a full pass, deduplicated). Resumes what a stopped
+    /// agent was doing; SIGTERM or SIGINT stops it cleanly. One per data directory;
+    /// a systemd unit is in contrib/tern-agent.service.
+    Agent(agent_cmd::AgentArgs),
+    /// Pause replication of a VM: the agent skips it. QEMU keeps tracking its
+    /// changes, so the first cycle after `tern resume` ships them (no resync).
+    Pause(agent_cmd::NameArgs),
+    /// Resume replication of a paused VM.
+    Resume(agent_cmd::NameArgs),
+    /// End replication of a VM after its migration: removes QEMU's dirty bitmaps and
+    /// anything else tern made on this host for it (change logs, overlays, snapshots)
+    /// and says what it removed. Waits for a running pass to end. Points stay in the
+    /// store; the VM stays registered (`tern vm remove` forgets it).
+    Complete(agent_cmd::NameArgs),
     /// Turn a recovery point into disk images plus VM definitions.
     Migrate(migrate_cmd::MigrateArgs),
     /// Bandwidth limit for uploads, with a work-hours schedule.
@@ -206,6 +224,10 @@ fn main() -> ExitCode {
         Command::Replicate(a) => (replicate_cmd::replicate(&g, a), 1),
         Command::Status(a) => (replicate_cmd::status(&g, a), 1),
         Command::Points(a) => (replicate_cmd::points(&g, a), 1),
+        Command::Agent(a) => (agent_cmd::agent(&g, a), 1),
+        Command::Pause(a) => (agent_cmd::pause(&g, a, true), 1),
+        Command::Resume(a) => (agent_cmd::pause(&g, a, false), 1),
+        Command::Complete(a) => (agent_cmd::complete(&g, a), 1),
         Command::Migrate(a) => (migrate_cmd::run(&g, a), 1),
         Command::Throttle(cmd) => (throttle_cmd::run(&g, cmd), 1),
         Command::Key(cmd) => (store_cmd::key(&g, cmd), 1),

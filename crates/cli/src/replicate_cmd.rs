@@ -33,6 +33,22 @@ pub struct ReplicateArgs {
     /// Print the result as JSON on stdout (no progress bars; warnings stay on stderr).
     #[arg(long)]
     json: bool,
+    /// Enable replication with this time between cycles (1s to 7d: 30s, 5m, 15m...):
+    /// `tern agent` then replicates the VM on its own. Without an agent, this run
+    /// does one pass in the foreground too (so cron works).
+    #[arg(long, value_parser = crate::agent_cmd::parse_duration, value_name = "DURATION")]
+    frequency: Option<std::time::Duration>,
+    /// Enable replication keeping points no older than this (1m or more: 7d, 30d);
+    /// the newest point is always kept.
+    #[arg(long, value_parser = crate::agent_cmd::parse_duration, value_name = "DURATION")]
+    retention_age: Option<std::time::Duration>,
+    /// Enable replication keeping at most this many points (1 or more).
+    #[arg(long, value_name = "N")]
+    retention_count: Option<u64>,
+    /// With an agent running: hand the VM to it and return at once, instead of
+    /// showing progress until its next point is committed.
+    #[arg(long)]
+    detach: bool,
     #[command(flatten)]
     globals: StoreOptions,
 }
@@ -42,6 +58,40 @@ pub struct ReplicateArgs {
 pub fn replicate(g: &GlobalArgs, a: ReplicateArgs) -> Result<ExitCode> {
     let threads = tern_engine::check_threads(a.threads)?;
     let engine = g.with_store(&a.globals).engine()?;
+    let agent = tern_engine::agent::agent_running(&engine)?;
+    let settings = a.frequency.is_some() || a.retention_age.is_some() || a.retention_count.is_some();
+    if settings || agent || a.detach {
+        let change = tern_engine::SettingsChange {
+            frequency: a.frequency,
+            retention_age: a.retention_age,
+            retention_count: a.retention_count,
+        };
+        let before = {
+            let vm = engine.vm(&a.name)?;
+            engine.db().newest_point(&vm.id)?
+        };
+        let (vm, s) = tern_engine::enable(&engine, &a.name, &change)?;
+        let every = s.frequency_ms.map_or("the agent's --frequency".to_string(), |ms| {
+            humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
+        });
+        if agent {
+            eprintln!("replication of VM {} enabled: the running agent replicates it every {every}", vm.name);
+            if a.detach {
+                return Ok(ExitCode::SUCCESS);
+            }
+            return wait_for_point(&engine, &vm, before.as_deref());
+        }
+        if a.detach {
+            anyhow::bail!(
+                "no agent runs for this data directory: start `tern agent` (replication of VM {} is enabled, every {every})",
+                vm.name
+            );
+        }
+        eprintln!(
+            "replication of VM {} enabled (every {every}); no agent runs, so this run does one pass",
+            vm.name
+        );
+    }
     let throttle = engine.throttle();
     let multi = MultiProgress::new();
     let bars: Mutex<HashMap<u32, ProgressBar>> = Mutex::new(HashMap::new());
@@ -116,6 +166,37 @@ pub fn replicate(g: &GlobalArgs, a: ReplicateArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// With an agent running: wait until it commits a point of `vm` newer than `before`,
+/// showing what it is doing; an error it records ends the wait with that error.
+fn wait_for_point(
+    engine: &tern_engine::Engine,
+    vm: &tern_engine::VmDef,
+    before: Option<&str>,
+) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let mut last_shown = String::new();
+    loop {
+        let newest = engine.db().newest_point(&vm.id)?;
+        if newest.as_deref() > before {
+            let p = newest.unwrap_or_default();
+            outln!("VM {}: recovery point {p} committed by the agent", vm.name);
+            return Ok(ExitCode::SUCCESS);
+        }
+        if let Some(t) = engine.db().tracking(&vm.id)? {
+            if let Some(e) = t.last_error {
+                if started.elapsed() > std::time::Duration::from_secs(2) && e != last_shown {
+                    eprintln!(
+                        "tern: the agent's last pass of {} failed: {e} (it retries; Ctrl-C stops waiting)",
+                        vm.name
+                    );
+                    last_shown = e;
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
 #[derive(Args)]
 pub struct StatusArgs {
     /// Only this VM.
@@ -151,6 +232,23 @@ struct VmStatus {
     /// VMs in a running QEMU: their change tracking.
     #[serde(skip_serializing_if = "Option::is_none")]
     tracking: Option<TrackingStatus>,
+    /// VMs with replication enabled: how the agent replicates them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    schedule: Option<ScheduleStatus>,
+}
+
+/// A VM's replication settings in `tern status`.
+#[derive(Serialize)]
+struct ScheduleStatus {
+    paused: bool,
+    /// Time between cycles; `null`: the agent's `--frequency`.
+    frequency_seconds: Option<f64>,
+    retention_age_seconds: Option<u64>,
+    retention_count: Option<u64>,
+    /// Whether an agent runs for this data directory.
+    agent_running: bool,
+    /// The newest point is older than twice the frequency: the RPO is missed.
+    rpo_missed: bool,
 }
 
 /// A QEMU VM's change tracking in `tern status`.
@@ -217,8 +315,24 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             bitmap_seq: t.seq,
             last_error: t.last_error,
         });
+        let settings = engine.db().settings(&vm.id)?;
+        let schedule = if settings.enabled {
+            let age = tracking.as_ref().and_then(|t| t.last_point_age_seconds);
+            let freq = settings.frequency_ms.map(|ms| ms as f64 / 1000.0);
+            Some(ScheduleStatus {
+                paused: settings.paused,
+                frequency_seconds: freq,
+                retention_age_seconds: settings.retention_age_s,
+                retention_count: settings.retention_count,
+                agent_running: tern_engine::agent::agent_running(&engine)?,
+                rpo_missed: matches!((age, freq), (Some(a), Some(f)) if a as f64 > 2.0 * f),
+            })
+        } else {
+            None
+        };
         let Some(r) = engine.db().last_replication(&vm.id)? else {
-            out.push(VmStatus { vm: vm.name, state: "not replicated", store, replication: None, tracking });
+            let state = if settings.paused { "paused" } else { "not replicated" };
+            out.push(VmStatus { vm: vm.name, state, store, replication: None, tracking, schedule });
             continue;
         };
         let disks = engine.db().replication_disks(&vm.id, &r.point_id)?;
@@ -238,6 +352,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
         let eta = rate.filter(|&r| r > 0).map(|rate| total.saturating_sub(done).div_ceil(rate));
         let state = match (running, alive) {
             (true, true) => "replicating",
+            (_, false) if settings.paused => "paused",
             (true, false) => "interrupted",
             (false, _) => "protected",
         };
@@ -246,6 +361,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             state,
             store,
             tracking,
+            schedule,
             replication: Some(ReplicationStatus {
                 point: r.point_id,
                 point_store: r.store_url,
@@ -284,6 +400,18 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             let mut line = format!("{}: {}, tracking {}", v.vm, v.state, t.state);
             if let (Some(p), Some(age)) = (&t.last_point, t.last_point_age_seconds) {
                 line += &format!(", newest point {p} ({} ago)", fmt_duration(age as f64));
+            }
+            if let Some(s) = &v.schedule {
+                match s.frequency_seconds {
+                    Some(f) => line += &format!(", every {}", fmt_duration(f)),
+                    None => line += ", at the agent's frequency",
+                }
+                if s.rpo_missed {
+                    line += " (RPO missed)";
+                }
+                if !s.agent_running {
+                    line += " (no agent runs)";
+                }
             }
             outln!("{line}");
             if let Some(e) = &t.last_error {

@@ -492,6 +492,7 @@ impl Pass<'_> {
                     bd,
                 ))?;
                 (self.observer)(ReplicateEvent::DiskStart { disk: i as u32, total: f.size, done: 0 });
+                crate::replicate::check_cancel(self.opts)?;
                 let mut read = 0u64;
                 let log = compare_into_log(
                     self.key,
@@ -542,6 +543,7 @@ impl Pass<'_> {
             let mut pieces = Vec::new();
             let pacer = |remaining: u64| self.throttle.grant(remaining);
             crate::segment::split(&reader, bd.chunk_size as usize, |k, piece| {
+                crate::replicate::check_cancel(self.opts)?;
                 let plain = piece.encode();
                 let digest = chunk_address(key, &plain).to_hex();
                 let env = Bytes::from(seal(key, ObjectKind::Segment, &plain, self.opts.compression_level)?);

@@ -112,6 +112,15 @@ const MIGRATIONS: &[&str] = &[
         last_error TEXT,
         updated TEXT NOT NULL
     );
+    CREATE TABLE vm_settings (
+        vm_id TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+        enabled INTEGER NOT NULL,
+        paused INTEGER NOT NULL DEFAULT 0,
+        frequency_ms INTEGER,
+        retention_age_s INTEGER,
+        retention_count INTEGER,
+        updated TEXT NOT NULL
+    );
     CREATE TABLE replication_disks_v4 (
         vm_id TEXT NOT NULL,
         point_id TEXT NOT NULL,
@@ -132,6 +141,22 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE replication_disks_v4 RENAME TO replication_disks;
     "#,
 ];
+
+/// How a VM is replicated: what `tern replicate --frequency ...`, `pause` and
+/// `resume` set, and the agent follows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmSettings {
+    /// Replication is enabled: the agent replicates the VM.
+    pub enabled: bool,
+    /// Paused by `tern pause`: the agent skips it until `tern resume`.
+    pub paused: bool,
+    /// Time between cycles; `None`: the agent's `--frequency`.
+    pub frequency_ms: Option<u64>,
+    /// Points older than this many seconds expire (the newest point never does).
+    pub retention_age_s: Option<u64>,
+    /// At most this many points are kept.
+    pub retention_count: Option<u64>,
+}
 
 /// A QEMU VM's change tracking, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -412,6 +437,46 @@ impl StateDb {
                 row.state,
                 row.last_point,
                 row.last_error,
+                crate::now_rfc3339()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// VM `vm_id`'s replication settings (all off when never set).
+    pub fn settings(&self, vm_id: &str) -> Result<VmSettings> {
+        let row = self
+            .conn()
+            .query_row(
+                "SELECT enabled, paused, frequency_ms, retention_age_s, retention_count FROM vm_settings WHERE vm_id = ?1",
+                [vm_id],
+                |r| {
+                    Ok(VmSettings {
+                        enabled: r.get::<_, i64>(0)? != 0,
+                        paused: r.get::<_, i64>(1)? != 0,
+                        frequency_ms: r.get::<_, Option<i64>>(2)?.map(to_u64),
+                        retention_age_s: r.get::<_, Option<i64>>(3)?.map(to_u64),
+                        retention_count: r.get::<_, Option<i64>>(4)?.map(to_u64),
+                    })
+                },
+            )
+            .optional()?;
+        Ok(row.unwrap_or_default())
+    }
+
+    /// Record VM `vm_id`'s replication settings.
+    pub fn set_settings(&self, vm_id: &str, s: &VmSettings) -> Result<()> {
+        let opt = |v: Option<u64>, what: &str| v.map(|v| to_i64(v, what)).transpose();
+        self.conn().execute(
+            "INSERT OR REPLACE INTO vm_settings (vm_id, enabled, paused, frequency_ms, retention_age_s, retention_count, updated) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                vm_id,
+                s.enabled as i64,
+                s.paused as i64,
+                opt(s.frequency_ms, "frequency")?,
+                opt(s.retention_age_s, "retention age")?,
+                opt(s.retention_count, "retention count")?,
                 crate::now_rfc3339()
             ],
         )?;
@@ -718,6 +783,16 @@ impl StateDb {
             params![p.vm_id, p.point_id, p.store_url, p.instant, p.manifest],
         )?;
         Ok(())
+    }
+
+    /// The newest point of VM `vm_id` this host knows of (committed here or read from
+    /// the store).
+    pub fn newest_point(&self, vm_id: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT max(point_id) FROM points WHERE vm_id = ?1", [vm_id], |r| r.get(0))
+            .optional()?
+            .flatten())
     }
 
     /// Cache a point read from the store.

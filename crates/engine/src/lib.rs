@@ -19,12 +19,14 @@
 //! - The state database is a cache plus progress: a store and its key are enough to
 //!   migrate from another machine.
 
+pub mod agent;
 mod catalog;
 pub mod changelog;
 mod cycle;
 mod db;
 mod engine;
 mod error;
+mod lifecycle;
 mod lock;
 mod manifest;
 mod migrate;
@@ -42,9 +44,12 @@ mod vmdef;
 
 pub use catalog::{find_vm, list_points, PointInfo};
 pub use cycle::{add_qemu_vm, QemuVmSpec, DEFAULT_LOG_BUDGET};
-pub use db::{PointRow, ReplicationDiskRow, ReplicationRow, StateDb, TrackingRow, SCHEMA_VERSION};
+pub use db::{
+    PointRow, ReplicationDiskRow, ReplicationRow, StateDb, TrackingRow, VmSettings, SCHEMA_VERSION,
+};
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, ErrorKind, Result};
+pub use lifecycle::{complete, enable, set_paused, SettingsChange};
 pub use lock::{replication_running, RunLock};
 pub use manifest::{
     check_point_id, new_point_id, next_point_id, Manifest, ManifestDisk, ManifestVm, PieceRef, SegmentRef,

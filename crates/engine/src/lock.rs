@@ -25,6 +25,12 @@ impl RunLock {
     /// Take the lock of VM `vm_id` (named `name` in messages). Waits up to a second
     /// (a `tern status` holds it for an instant while it looks), then refuses.
     pub fn acquire(engine: &Engine, vm_id: &str, name: &str) -> Result<RunLock> {
+        Self::acquire_within(engine, vm_id, name, Duration::from_secs(1))
+    }
+
+    /// Take the lock of VM `vm_id`, waiting up to `wait` for a running replication
+    /// (an agent's pass) to end.
+    pub fn acquire_within(engine: &Engine, vm_id: &str, name: &str, wait: Duration) -> Result<RunLock> {
         let dir = engine.data_dir().locks_dir();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let path = lock_path(engine, vm_id);
@@ -38,7 +44,7 @@ impl RunLock {
         loop {
             match file.try_lock() {
                 Ok(()) => return Ok(RunLock { _file: file }),
-                Err(TryLockError::WouldBlock) if start.elapsed() < Duration::from_secs(1) => {
+                Err(TryLockError::WouldBlock) if start.elapsed() < wait => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(TryLockError::WouldBlock) => {

@@ -53,6 +53,19 @@ pub struct ReplicateOptions {
     /// Fault injection for tests: fail after this many chunk uploads in this run.
     #[doc(hidden)]
     pub fail_after_uploads: Option<u64>,
+    /// Set (by a signal handler, say) to stop the run at the next chunk or piece: it
+    /// ends with an error of kind `Busy` and resumes (or is retried) next time.
+    pub cancel: Option<&'static AtomicBool>,
+}
+
+/// The error a run stopped through [`ReplicateOptions::cancel`] ends with.
+pub(crate) fn check_cancel(opts: &ReplicateOptions) -> Result<()> {
+    match opts.cancel {
+        Some(c) if c.load(Ordering::Relaxed) => {
+            Err(Error::new(ErrorKind::Busy, "replication stopped on request; it goes on next time"))
+        }
+        _ => Ok(()),
+    }
 }
 
 impl Default for ReplicateOptions {
@@ -62,6 +75,7 @@ impl Default for ReplicateOptions {
             force: false,
             compression_level: 1,
             fail_after_uploads: None,
+            cancel: None,
         }
     }
 }
@@ -374,7 +388,7 @@ fn snapshot_dir(engine: &Engine, vm: &VmDef, point: &str) -> std::path::PathBuf 
     engine.data_dir().snapshots_dir().join(&vm.id).join(point)
 }
 
-fn release_snapshots(engine: &Engine, vm: &VmDef, point: &str, disks: &[ReplicationDiskRow]) {
+pub(crate) fn release_snapshots(engine: &Engine, vm: &VmDef, point: &str, disks: &[ReplicationDiskRow]) {
     for d in disks.iter().filter(|d| d.snapshot_kind == SnapshotKind::Reflink.name()) {
         let _ = std::fs::remove_file(&d.read_path);
     }
@@ -829,6 +843,7 @@ fn process_chunk(
     range: std::ops::Range<u64>,
 ) -> Result<ChunkDone> {
     let len = (range.end - range.start) as usize;
+    check_cancel(ctx.opts)?;
     let mut out =
         ChunkDone { n, address: None, guest: len as u64, credited: 0, read: 0, uploaded: 0, dedup: false };
     if mapped_zero(disk, &range)? {

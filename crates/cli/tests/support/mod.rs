@@ -6,6 +6,7 @@
 #[path = "../../../engine/tests/support/oracle.rs"]
 mod oracle;
 pub mod proxy;
+pub mod qsd;
 
 #[allow(unused_imports)] // Each test binary uses a different subset.
 pub use oracle::{qemu, sha256_file as sha256};

@@ -1,0 +1,230 @@
+//! `tern agent`: the long-running data mover of this host. Every VM with replication
+//! enabled (`tern replicate NAME --frequency ...` enables it) and not paused is
+//! replicated at its frequency: the initial replication first, then one pass (a delta
+//! cycle for a VM in QEMU) whenever its frequency has passed since the last pass
+//! started. A pass that fails is retried after `min(frequency, 30 s)`; its error is
+//! in `tern status`. Passes run one at a time, the VM whose turn is oldest first.
+//!
+//! One agent per data directory: it holds `locks/agent.lock` while it runs, which is
+//! also how `tern replicate` and `tern status` know an agent is there. It stops at the
+//! next chunk or piece when told to ([`AgentOptions::stop`], set by SIGTERM and
+//! SIGINT), and everything it was doing resumes or is retried when it starts again.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::throttle::Throttle;
+use crate::{Engine, Error, ErrorKind, ReplicateEvent, ReplicateOptions, ReplicateReport, Result};
+
+/// The agent's frequency when none is given: every 5 minutes.
+pub const DEFAULT_FREQUENCY: Duration = Duration::from_secs(300);
+/// Shortest frequency accepted.
+pub const MIN_FREQUENCY: Duration = Duration::from_secs(1);
+/// Longest frequency accepted: a week.
+pub const MAX_FREQUENCY: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest wait before a failed pass is retried.
+const RETRY: Duration = Duration::from_secs(30);
+
+/// Check a frequency.
+pub fn check_frequency(f: Duration) -> Result<Duration> {
+    if (MIN_FREQUENCY..=MAX_FREQUENCY).contains(&f) {
+        Ok(f)
+    } else {
+        Err(Error::invalid(format!("frequency {f:?} is out of range: use 1s to 7d (e.g. 30s, 5m, 15m)")))
+    }
+}
+
+/// Options of the agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Frequency of VMs that set none.
+    pub frequency: Duration,
+    /// Options of each pass (workers, compression).
+    pub replicate: ReplicateOptions,
+    /// Set to stop: the agent returns after the current chunk or piece.
+    pub stop: &'static AtomicBool,
+    /// Tests: return after this many passes (successful or not).
+    #[doc(hidden)]
+    pub max_passes: Option<u64>,
+}
+
+/// What the agent tells its caller.
+#[derive(Debug)]
+pub enum AgentEvent<'a> {
+    /// The agent holds its lock and starts working.
+    Started,
+    /// A pass of VM `vm` starts.
+    PassStart {
+        /// The VM.
+        vm: &'a str,
+    },
+    /// A pass committed a point.
+    PassDone {
+        /// The VM.
+        vm: &'a str,
+        /// What it committed.
+        report: &'a ReplicateReport,
+    },
+    /// A pass failed; it is retried after `retry`.
+    PassFailed {
+        /// The VM.
+        vm: &'a str,
+        /// Why.
+        error: &'a Error,
+        /// When it is tried again.
+        retry: Duration,
+    },
+    /// Something inside a pass.
+    Replicate(ReplicateEvent),
+}
+
+/// Held while an agent runs.
+#[derive(Debug)]
+pub struct AgentLock {
+    _file: File,
+}
+
+fn agent_lock_path(engine: &Engine) -> std::path::PathBuf {
+    engine.data_dir().locks_dir().join("agent.lock")
+}
+
+impl AgentLock {
+    /// Take the agent lock, or say that an agent already runs.
+    pub fn acquire(engine: &Engine) -> Result<AgentLock> {
+        let dir = engine.data_dir().locks_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let path = agent_lock_path(engine);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(AgentLock { _file: file }),
+            Err(TryLockError::WouldBlock) => Err(Error::new(
+                ErrorKind::Busy,
+                "an agent already runs for this data directory (one per host)",
+            )),
+            Err(TryLockError::Error(e)) => Err(Error::io(format!("locking {}", path.display()), e)),
+        }
+    }
+}
+
+/// Whether an agent runs for this data directory now.
+pub fn agent_running(engine: &Engine) -> Result<bool> {
+    let path = agent_lock_path(engine);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
+    };
+    match file.try_lock_shared() {
+        Ok(()) => Ok(false),
+        Err(TryLockError::WouldBlock) => Ok(true),
+        Err(TryLockError::Error(e)) => Err(Error::io(format!("locking {}", path.display()), e)),
+    }
+}
+
+/// The frequency VM settings ask for, or `default`.
+pub fn frequency_of(s: &crate::VmSettings, default: Duration) -> Duration {
+    s.frequency_ms.map_or(default, Duration::from_millis)
+}
+
+/// Run the agent until `opts.stop` is set. Returns the number of passes run.
+pub fn run_agent(
+    engine: &Engine,
+    opts: &AgentOptions,
+    throttle: &Throttle,
+    observer: &(dyn Fn(AgentEvent<'_>) + Sync),
+) -> Result<u64> {
+    check_frequency(opts.frequency)?;
+    let _lock = AgentLock::acquire(engine)?;
+    observer(AgentEvent::Started);
+    let mut replicate = opts.replicate.clone();
+    replicate.cancel = Some(opts.stop);
+    // When each VM is due next; a VM not in it is due now (also after a restart: what
+    // an earlier agent was doing resumes at once).
+    let mut due: HashMap<String, Instant> = HashMap::new();
+    let mut passes = 0u64;
+    while !opts.stop.load(Ordering::Relaxed) {
+        if opts.max_passes.is_some_and(|m| passes >= m) {
+            break;
+        }
+        let now = Instant::now();
+        let mut next: Option<(Instant, crate::VmDef, Duration)> = None;
+        for vm in engine.db().vm_list()? {
+            let s = engine.db().settings(&vm.id)?;
+            if !s.enabled || s.paused {
+                due.remove(&vm.id);
+                continue;
+            }
+            let at = *due.get(&vm.id).unwrap_or(&now);
+            if next.as_ref().is_none_or(|(t, _, _)| at < *t) {
+                let f = frequency_of(&s, opts.frequency);
+                next = Some((at, vm, f));
+            }
+        }
+        let Some((at, vm, freq)) = next else {
+            sleep_until(opts.stop, now + Duration::from_secs(1));
+            continue;
+        };
+        if at > now {
+            // Wake at least every second: settings may change (a new VM, a pause).
+            sleep_until(opts.stop, at.min(now + Duration::from_secs(1)));
+            continue;
+        }
+        let started = Instant::now();
+        observer(AgentEvent::PassStart { vm: &vm.name });
+        let res = crate::replicate(engine, &vm.name, &replicate, throttle, &|ev| {
+            observer(AgentEvent::Replicate(ev))
+        });
+        passes += 1;
+        match res {
+            Ok(report) => {
+                due.insert(vm.id.clone(), started + freq);
+                observer(AgentEvent::PassDone { vm: &vm.name, report: &report });
+            }
+            Err(e) => {
+                if opts.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let retry = freq.min(RETRY);
+                due.insert(vm.id.clone(), Instant::now() + retry);
+                observer(AgentEvent::PassFailed { vm: &vm.name, error: &e, retry });
+            }
+        }
+    }
+    Ok(passes)
+}
+
+fn sleep_until(stop: &AtomicBool, until: Instant) {
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(100)));
+    }
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// A flag SIGTERM and SIGINT set, for [`AgentOptions::stop`] and
+/// [`ReplicateOptions::cancel`]. The first signal asks for a clean stop.
+pub fn stop_on_signals() -> &'static AtomicBool {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, handler);
+        libc::signal(libc::SIGINT, handler);
+    }
+    &STOP
+}

@@ -1,0 +1,118 @@
+//! Turning replication of a VM on and off: `tern replicate --frequency ...` (enable,
+//! with settings), `tern pause` / `tern resume`, and `tern complete`, which ends
+//! replication after a migration and removes from the host everything tern made for
+//! it (QEMU bitmaps and leftovers, change logs, fleecing overlays, snapshots).
+
+use std::time::Duration;
+
+use crate::cycle::{qmp_err, workdir};
+use crate::qemu::{NbdEndpoint, QemuDisk, Qmp, Tracker};
+use crate::{Engine, Error, ErrorKind, Result, RunLock, VmDef, VmSettings};
+
+/// How long `complete` waits for a pass of the VM that is running (an agent's).
+const COMPLETE_WAIT: Duration = Duration::from_secs(600);
+
+/// What `tern replicate` sets; `None` leaves a setting as it is.
+#[derive(Debug, Clone, Default)]
+pub struct SettingsChange {
+    /// Time between cycles.
+    pub frequency: Option<Duration>,
+    /// Points older than this expire.
+    pub retention_age: Option<Duration>,
+    /// At most this many points are kept.
+    pub retention_count: Option<u64>,
+}
+
+/// Enable replication of VM `name` (the agent then replicates it), applying `change`.
+pub fn enable(engine: &Engine, name: &str, change: &SettingsChange) -> Result<(VmDef, VmSettings)> {
+    let vm = engine.vm(name)?;
+    let mut s = engine.db().settings(&vm.id)?;
+    s.enabled = true;
+    if let Some(f) = change.frequency {
+        crate::agent::check_frequency(f)?;
+        s.frequency_ms = Some(f.as_millis() as u64);
+    }
+    if let Some(a) = change.retention_age {
+        if a < Duration::from_secs(60) {
+            return Err(Error::invalid("--retention-age is out of range: use 1m or more"));
+        }
+        s.retention_age_s = Some(a.as_secs());
+    }
+    if let Some(c) = change.retention_count {
+        if c == 0 {
+            return Err(Error::invalid("--retention-count 0 is out of range: keep at least 1 point"));
+        }
+        s.retention_count = Some(c);
+    }
+    engine.db().set_settings(&vm.id, &s)?;
+    Ok((vm, s))
+}
+
+/// Pause (`true`) or resume replication of VM `name`. Tracking goes on in QEMU while
+/// paused (the bitmap keeps recording), so the first cycle after `resume` ships what
+/// changed meanwhile: no resync.
+pub fn set_paused(engine: &Engine, name: &str, paused: bool) -> Result<VmDef> {
+    let vm = engine.vm(name)?;
+    let mut s = engine.db().settings(&vm.id)?;
+    if !s.enabled && paused {
+        return Err(Error::invalid(format!(
+            "replication of VM {name} is not enabled (enable it with `tern replicate {name} --frequency ...`)"
+        )));
+    }
+    s.paused = paused;
+    engine.db().set_settings(&vm.id, &s)?;
+    Ok(vm)
+}
+
+/// End replication of VM `name` and remove from this host what tern made for it.
+/// Waits for a running pass (an agent's) to end first. Its points in the store stay.
+/// Returns what was removed, one line each.
+pub fn complete(engine: &Engine, name: &str) -> Result<Vec<String>> {
+    let vm = engine.vm(name)?;
+    let _running = RunLock::acquire_within(engine, &vm.id, &vm.name, COMPLETE_WAIT)?;
+    let mut removed = Vec::new();
+    let db = engine.db();
+    if let Some(q) = &vm.qemu {
+        let mut qmp = Qmp::connect(&q.qmp, Duration::from_secs(30)).map_err(|e| {
+            Error::new(
+                ErrorKind::Io,
+                format!(
+                    "{}: QEMU must run for tern to remove its dirty bitmaps from the VM's disks; \
+                     start it and run `tern complete {name}` again",
+                    qmp_err(e)
+                ),
+            )
+        })?;
+        let dir = workdir(engine, &vm);
+        let t = Tracker {
+            vm: vm.id[..8].to_string(),
+            disks: q.nodes.iter().map(|n| QemuDisk { node: n.clone(), persistent_bitmaps: false }).collect(),
+            granularity: 64 << 10,
+            workdir: dir.clone(),
+            nbd: NbdEndpoint { socket: dir.join("nbd.sock") },
+            test_stagger: None,
+        };
+        t.clean_leftovers(&mut qmp).map_err(qmp_err)?;
+        for (node, bitmap) in t.remove_all_bitmaps(&mut qmp).map_err(qmp_err)? {
+            removed.push(format!("dirty bitmap {bitmap} on node {node}"));
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))?;
+            removed.push(format!("work folder {} (change logs, fleecing overlays)", dir.display()));
+        }
+        db.remove_tracking(&vm.id)?;
+    }
+    for r in db.running_replications(&vm.id)? {
+        let disks = db.replication_disks(&vm.id, &r.point_id)?;
+        for d in disks.iter().filter(|d| d.snapshot_kind == crate::snapshot::SnapshotKind::Reflink.name()) {
+            if d.read_path.exists() {
+                removed.push(format!("snapshot {}", d.read_path.display()));
+            }
+        }
+        crate::replicate::release_snapshots(engine, &vm, &r.point_id, &disks);
+        db.finish_abandoned(&vm.id, &r.point_id)?;
+        removed.push(format!("unfinished replication of point {}", r.point_id));
+    }
+    db.set_settings(&vm.id, &VmSettings::default())?;
+    Ok(removed)
+}
