@@ -524,6 +524,84 @@ impl Pass<'_> {
         Ok(report)
     }
 
+    /// Compaction: disk `i` of the new point `point_id` gets a base index of its own,
+    /// the base of point `base` with every chunk that the base's segments or this
+    /// cycle's log touch rewritten (read through the point reader, the log laid over
+    /// it); untouched chunks keep their addresses. Returns the disk's manifest entry
+    /// and the envelope bytes uploaded.
+    fn compact_disk(
+        &self,
+        base: &str,
+        bd: &ManifestDisk,
+        log: &LogReader,
+        point_id: &str,
+        i: u32,
+    ) -> Result<(ManifestDisk, u64)> {
+        use tern_chunk::{BaseIndex, IndexEntry};
+        let (vm, key, store) = (self.vm, self.key, self.store);
+        let prev = self.rt.block_on(crate::point::PointReader::open(
+            key,
+            store,
+            self.rt.handle().clone(),
+            &vm.id,
+            base,
+            bd,
+        ))?;
+        let mut index = BaseIndex::new(bd.virtual_size, bd.chunk_size)?;
+        let records = log.records();
+        let mut buf = vec![0u8; bd.chunk_size as usize];
+        let mut rec_buf = Vec::new();
+        let mut stored = 0u64;
+        let pacer = |remaining: u64| self.throttle.grant(remaining);
+        for n in 0..prev.chunk_count() {
+            let r = prev.chunk_range(n);
+            let first = records.partition_point(|x| x.offset + x.length <= r.start);
+            let over: Vec<_> = records[first..].iter().take_while(|x| x.offset < r.end).collect();
+            if over.is_empty() && prev.untouched(r.clone()) {
+                let e = prev.base_entry(n).unwrap_or(IndexEntry::Zero);
+                index.set(n, e)?;
+                continue;
+            }
+            crate::replicate::check_cancel(self.opts)?;
+            let b = &mut buf[..(r.end - r.start) as usize];
+            prev.read_chunk(n, b)?;
+            for x in over {
+                rec_buf.resize(x.length as usize, 0);
+                log.read(x, &mut rec_buf)?;
+                let (a, z) = (x.offset.max(r.start), (x.offset + x.length).min(r.end));
+                b[(a - r.start) as usize..(z - r.start) as usize]
+                    .copy_from_slice(&rec_buf[(a - x.offset) as usize..(z - x.offset) as usize]);
+            }
+            if tern_disk::is_zero(b) {
+                index.set(n, IndexEntry::Zero)?;
+                continue;
+            }
+            let address = chunk_address(key, b);
+            if !self.rt.block_on(store.chunk_exists(&address))? {
+                let env = Bytes::from(seal(key, ObjectKind::Chunk, b, self.opts.compression_level)?);
+                stored += env.len() as u64;
+                self.rt
+                    .block_on(store.put_chunk_paced(&address, env, &pacer))
+                    .map_err(|e| Error::from(e).context(format!("storing chunk {n} of disk {i}")))?;
+            }
+            index.set(n, IndexEntry::Chunk(address))?;
+        }
+        let env = seal(key, ObjectKind::Index, &index.encode(), 3)?;
+        stored += env.len() as u64;
+        self.rt
+            .block_on(store.put_index(&vm.id, point_id, i, Bytes::from(env)))
+            .map_err(|e| Error::from(e).context(format!("storing the compacted index of disk {i}")))?;
+        let d = ManifestDisk {
+            base_point: None,
+            segments: Vec::new(),
+            sha256: None,
+            data_chunks: index.entries().iter().filter(|e| matches!(e, IndexEntry::Chunk(_))).count() as u64,
+            index_digest: crate::manifest::index_digest(key, &index),
+            ..bd.clone()
+        };
+        Ok((d, stored))
+    }
+
     fn commit_delta(
         &self,
         base_m: &Manifest,
@@ -539,6 +617,22 @@ impl Pass<'_> {
         for (i, (bd, log)) in base_m.disks.iter().zip(logs).enumerate() {
             let reader = LogReader::open(&log.path)?;
             (self.observer)(ReplicateEvent::DiskStart { disk: i as u32, total: log.changed_bytes, done: 0 });
+            if compaction_due(bd, self.opts.compact_after_segments) {
+                let (d, stored) = self.compact_disk(base, bd, &reader, point_id, i as u32)?;
+                (self.observer)(ReplicateEvent::DiskDone { disk: i as u32 });
+                reports.push(DiskReport {
+                    disk: i as u32,
+                    virtual_size: bd.virtual_size,
+                    read_bytes: log.data_bytes,
+                    uploaded_bytes: stored,
+                    changed_bytes: log.changed_bytes,
+                    snapshot: SnapshotKind::QemuView,
+                    compacted: true,
+                    ..Default::default()
+                });
+                disks.push(d);
+                continue;
+            }
             let stored = AtomicU64::new(0);
             let mut pieces = Vec::new();
             let pacer = |remaining: u64| self.throttle.grant(remaining);
@@ -875,4 +969,10 @@ fn view_zero(view: &dyn tern_disk::Disk, range: std::ops::Range<u64>) -> Result<
         off = m.end();
     }
     Ok(true)
+}
+
+/// Whether a cycle should compact a disk with entry `d` in the previous point.
+fn compaction_due(d: &ManifestDisk, after_segments: usize) -> bool {
+    let changed: u64 = d.segments.iter().map(|s| s.changed_bytes).sum();
+    d.segments.len() + 1 >= after_segments.max(1) || changed >= d.virtual_size / 4
 }

@@ -61,7 +61,7 @@ pub use migrate::{
 pub use paths::DataDir;
 pub use replicate::{
     check_threads, remove_vm, replicate, set_vm_store, DiskReport, PointKind, ReplicateEvent,
-    ReplicateOptions, ReplicateReport,
+    ReplicateOptions, ReplicateReport, DEFAULT_COMPACT_SEGMENTS,
 };
 pub use verify::{verify, Problem, VerifyOptions, VerifyReport};
 pub use vm::{check_name, new_vm_id, parse_format, register_vm, Firmware, QemuSource, VmDef, VmDisk};

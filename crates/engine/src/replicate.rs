@@ -56,7 +56,14 @@ pub struct ReplicateOptions {
     /// Set (by a signal handler, say) to stop the run at the next chunk or piece: it
     /// ends with an error of kind `Busy` and resumes (or is retried) next time.
     pub cancel: Option<&'static AtomicBool>,
+    /// Delta cycles: fold a disk's base and segments into a new base (compaction)
+    /// once this many segments are on the base, or once they changed a quarter of
+    /// the disk; 1 compacts at every cycle. Default [`DEFAULT_COMPACT_SEGMENTS`].
+    pub compact_after_segments: usize,
 }
+
+/// Segments on a base before a cycle compacts it.
+pub const DEFAULT_COMPACT_SEGMENTS: usize = 32;
 
 /// The error a run stopped through [`ReplicateOptions::cancel`] ends with.
 pub(crate) fn check_cancel(opts: &ReplicateOptions) -> Result<()> {
@@ -76,6 +83,7 @@ impl Default for ReplicateOptions {
             compression_level: 1,
             fail_after_uploads: None,
             cancel: None,
+            compact_after_segments: DEFAULT_COMPACT_SEGMENTS,
         }
     }
 }
@@ -147,6 +155,8 @@ pub struct DiskReport {
     pub read_bytes: u64,
     /// Delta cycles: guest bytes the disk's changes cover (data and zeros).
     pub changed_bytes: u64,
+    /// Delta cycles: the disk was compacted (a new base, no segments).
+    pub compacted: bool,
     /// How the disk was read: a reflink copy, or the image in place.
     pub snapshot: SnapshotKind,
     /// SHA-256 of the guest content, hex (as recorded in the manifest); empty (and

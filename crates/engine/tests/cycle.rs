@@ -170,3 +170,42 @@ fn delta_cycles_ship_only_changes_and_every_point_is_the_guest_at_its_cut() {
     let shas = vec![vm.guest_sha256("disk0"), vm.guest_sha256("disk1")];
     assert_eq!(migrate_point(&h, &r.point_id, &h.root.join("out-after")), shas);
 }
+
+#[test]
+fn compaction_folds_segments_into_a_new_base_and_every_point_still_reads() {
+    let h = support::host();
+    let vm = support::Qsd::start(&[("qcow2", "16M"), ("raw", "8M")]);
+    vm.guest_random("disk0", 0, 3 << 20, 7);
+    add_qemu_vm(&h.engine, &spec(&vm, Some(vm.nbd.clone()))).unwrap();
+    let opts = ReplicateOptions { threads: 2, compact_after_segments: 3, ..Default::default() };
+    let mut expect = Vec::new();
+    let first = support::run_replicate(&h.engine, "web", &opts).unwrap();
+    expect.push((first.point_id, vec![vm.guest_sha256("disk0"), vm.guest_sha256("disk1")]));
+    let mut compacted = 0;
+    for k in 0..7u64 {
+        vm.guest_random("disk0", (k % 4) * 3 * MIB + 1000, 100_000, 50 + k);
+        vm.guest_random("disk1", (k % 3) * 2 * MIB, 65536, 60 + k);
+        let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
+        assert_eq!(r.kind, PointKind::Delta);
+        compacted += r.disks.iter().filter(|d| d.compacted).count();
+        expect.push((r.point_id, vec![vm.guest_sha256("disk0"), vm.guest_sha256("disk1")]));
+    }
+    assert!(compacted >= 4, "{compacted} disk compactions in 7 cycles");
+    // No point's chain is longer than the policy allows.
+    let key = h.engine.load_key().unwrap();
+    let store = h.engine.open_store_at(h.engine.store_url(), false).unwrap();
+    let rt = h.engine.runtime().unwrap();
+    let vm_id = h.engine.vm("web").unwrap().id;
+    for (point, _) in &expect {
+        let env = rt.block_on(store.get_manifest(&vm_id, point)).unwrap();
+        let m = tern_engine::Manifest::open(&key, &env, &vm_id, point).unwrap();
+        assert!(m.disks.iter().all(|d| d.segments.len() <= 2), "{point}: {:?}", m.disks);
+    }
+    for (i, (point, shas)) in expect.iter().enumerate() {
+        assert_eq!(&migrate_point(&h, point, &h.root.join(format!("c-{i}"))), shas, "point {i}");
+    }
+    let v =
+        tern_engine::verify(&h.engine, &tern_engine::VerifyOptions { read_data: true, ..Default::default() })
+            .unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+}
