@@ -25,6 +25,10 @@ pub struct AgentArgs {
     /// Upload workers per disk, 1 to 32.
     #[arg(long, default_value_t = tern_engine::DEFAULT_THREADS)]
     threads: usize,
+    /// How often to apply retention and collect garbage in the store, when a VM has
+    /// a retention setting (1s to 7d). A collection pauses passes while it runs.
+    #[arg(long, value_parser = parse_duration, default_value = "1h", value_name = "DURATION")]
+    gc_interval: Duration,
     #[command(flatten)]
     globals: StoreOptions,
 }
@@ -40,6 +44,7 @@ pub fn agent(g: &GlobalArgs, a: AgentArgs) -> Result<ExitCode> {
         replicate: ReplicateOptions { threads, ..Default::default() },
         stop,
         max_passes: None,
+        gc_interval: a.gc_interval,
     };
     let throttle = engine.throttle();
     let frequency = humantime::format_duration(a.frequency).to_string();
@@ -78,6 +83,18 @@ pub fn agent(g: &GlobalArgs, a: AgentArgs) -> Result<ExitCode> {
         }
         AgentEvent::Replicate(ReplicateEvent::Warning(w)) => eprintln!("tern agent: warning: {w}"),
         AgentEvent::Replicate(_) => {}
+        AgentEvent::Gc(Ok(r)) => {
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stdout().lock(),
+                "gc: {} point(s) expired, {} object(s) deleted ({}), {} point(s) kept",
+                r.expired_points.len(),
+                r.deleted_objects,
+                ByteSize(r.deleted_bytes),
+                r.retained_points
+            );
+        }
+        AgentEvent::Gc(Err(e)) => eprintln!("tern agent: garbage collection: {e:#}"),
     };
     let passes = tern_engine::agent::run_agent(&engine, &opts, &throttle, &observer)?;
     outln!("tern agent: stopped after {passes} pass(es)");

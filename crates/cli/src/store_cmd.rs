@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Subcommand;
 use tern_engine::VerifyOptions;
+use tern_types::ByteSize;
 
 use crate::{print_json, DataDirArg, GlobalArgs, KeyFileArg, StoreOptions};
 
@@ -39,6 +40,24 @@ pub enum StoreCommand {
         #[arg(long, default_value_t = tern_engine::DEFAULT_THREADS)]
         threads: usize,
         /// Print JSON instead of text: an array with one report per store.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        globals: StoreOptions,
+    },
+    /// Apply retention and remove what no retained point references.
+    ///
+    /// Points past a VM's retention (`tern replicate NAME --retention-age/--retention-count`;
+    /// the newest point is always kept) lose their manifests; then every chunk, index
+    /// and segment piece that no remaining point references is deleted. Replication
+    /// passes of any host wait while it runs (it waits for running ones to finish
+    /// first), so nothing a pass is writing is ever taken. `tern agent` runs this on
+    /// its own (--gc-interval) when a VM has a retention setting.
+    Gc {
+        /// Report what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -87,6 +106,31 @@ fn stores_to_verify(engine: &tern_engine::Engine) -> Result<Vec<String>> {
 
 pub fn store(g: &GlobalArgs, cmd: StoreCommand) -> Result<ExitCode> {
     match cmd {
+        StoreCommand::Gc { dry_run, json, globals } => {
+            let engine = g.with_store(&globals).engine()?;
+            let r =
+                tern_engine::gc::gc(&engine, &tern_engine::gc::GcOptions { dry_run, ..Default::default() })?;
+            if json {
+                print_json(&r)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            for (vm, p) in &r.expired_points {
+                outln!(
+                    "{} point {p} of VM {vm} (past its retention)",
+                    if dry_run { "would expire" } else { "expired" }
+                );
+            }
+            outln!(
+                "store {}: {} point(s) kept, {} object(s) referenced; {verb} {} object(s) ({})",
+                r.store_url,
+                r.retained_points,
+                r.referenced_objects,
+                r.deleted_objects,
+                ByteSize(r.deleted_bytes)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         StoreCommand::Verify { read_data, threads, json, globals } => {
             let engine = g.with_store(&globals).engine_read_only()?;
             let threads = tern_engine::check_threads(threads)?;

@@ -48,7 +48,13 @@ pub struct AgentOptions {
     /// Tests: return after this many passes (successful or not).
     #[doc(hidden)]
     pub max_passes: Option<u64>,
+    /// How often the agent applies retention and collects garbage when a VM it
+    /// replicates has a retention setting. Default [`DEFAULT_GC_INTERVAL`].
+    pub gc_interval: Duration,
 }
+
+/// Default time between the agent's garbage collections.
+pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// What the agent tells its caller.
 #[derive(Debug)]
@@ -78,6 +84,8 @@ pub enum AgentEvent<'a> {
     },
     /// Something inside a pass.
     Replicate(ReplicateEvent),
+    /// A garbage collection ran.
+    Gc(Result<&'a crate::gc::GcReport, &'a Error>),
 }
 
 /// Held while an agent runs.
@@ -149,7 +157,23 @@ pub fn run_agent(
     // an earlier agent was doing resumes at once).
     let mut due: HashMap<String, Instant> = HashMap::new();
     let mut passes = 0u64;
+    let mut last_gc = Instant::now();
     while !opts.stop.load(Ordering::Relaxed) {
+        if last_gc.elapsed() >= opts.gc_interval {
+            last_gc = Instant::now();
+            let retention = engine.db().vm_list()?.iter().try_fold(false, |any, vm| {
+                let s = engine.db().settings(&vm.id)?;
+                Ok::<bool, Error>(
+                    any || (s.enabled && (s.retention_age_s.is_some() || s.retention_count.is_some())),
+                )
+            })?;
+            if retention {
+                match crate::gc::gc(engine, &crate::gc::GcOptions::default()) {
+                    Ok(r) => observer(AgentEvent::Gc(Ok(&r))),
+                    Err(e) => observer(AgentEvent::Gc(Err(&e))),
+                }
+            }
+        }
         if opts.max_passes.is_some_and(|m| passes >= m) {
             break;
         }

@@ -156,6 +156,9 @@ pub(crate) fn run(
     }
     let dir = workdir(engine, vm);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    // Garbage collection stays out while this pass reads and writes the store.
+    let _lease =
+        crate::lease::Lease::acquire(&store, rt.handle(), Some(&vm.id), &format!("cycle of VM {}", vm.name))?;
     let mut qmp = Qmp::connect(&q.qmp, QMP_TIMEOUT).map_err(qmp_err)?;
     let nbd_socket = q.nbd.clone().unwrap_or_else(|| dir.join("nbd.sock"));
     let (tracker, formats) = tracker(&mut qmp, vm, &dir, nbd_socket.clone())?;

@@ -756,6 +756,22 @@ impl StateDb {
             .collect()
     }
 
+    /// Forget recorded chunks `chunks` of a disk (their objects are gone from the
+    /// store: a garbage collection ran while the replication was stopped), so the
+    /// resumed run reads them again.
+    pub fn forget_chunks(&self, vm_id: &str, point_id: &str, disk: u32, chunks: &[u64]) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        for &n in chunks {
+            tx.execute(
+                "DELETE FROM chunk_progress WHERE vm_id = ?1 AND point_id = ?2 AND disk = ?3 AND chunk = ?4",
+                params![vm_id, point_id, disk, to_i64(n, "chunk")?],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Commit a finished replication: mark it done, cache its point, drop its progress.
     pub fn finish_replication(&self, point: &PointRow) -> Result<()> {
         let mut c = self.conn();

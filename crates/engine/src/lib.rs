@@ -26,6 +26,8 @@ mod cycle;
 mod db;
 mod engine;
 mod error;
+pub mod gc;
+mod lease;
 mod lifecycle;
 mod lock;
 mod manifest;

@@ -228,11 +228,45 @@ pub fn replicate(
             db.finish_abandoned(&vm.id, &r.point_id)?;
         }
     }
+    let _lease = crate::lease::Lease::acquire(
+        &store,
+        rt.handle(),
+        Some(&vm.id),
+        &format!("replication of VM {}", vm.name),
+    )?;
     let (repl, disks) = match repl {
         Some(x) => x,
         None => start(engine, &vm, url, &cfg, opts, observer)?,
     };
+    if resumed {
+        forget_collected(engine, &rt, &store, &repl, &disks)?;
+    }
     full_pass(engine, &rt, &vm, &store, &key, repl, disks, resumed, opts, throttle, observer)
+}
+
+/// A resumed replication's recorded chunks are referenced by no manifest yet: a
+/// garbage collection that ran while the replication was stopped removed them. Its
+/// own lease keeps collections out from here on; those gone are read again.
+fn forget_collected(
+    engine: &Engine,
+    rt: &tokio::runtime::Runtime,
+    store: &Store,
+    repl: &ReplicationRow,
+    disks: &[ReplicationDiskRow],
+) -> Result<()> {
+    let present: std::collections::HashSet<ChunkAddress> =
+        rt.block_on(store.list_chunks())?.into_iter().map(|(a, _)| a).collect();
+    for d in disks {
+        let gone: Vec<u64> = engine
+            .db()
+            .recorded_chunks(&repl.vm_id, &repl.point_id, d.disk)?
+            .into_iter()
+            .filter(|(_, a)| a.is_some_and(|a| !present.contains(&ChunkAddress(a))))
+            .map(|(n, _)| n)
+            .collect();
+        engine.db().forget_chunks(&repl.vm_id, &repl.point_id, d.disk, &gone)?;
+    }
+    Ok(())
 }
 
 /// The kind of a point a run committed.

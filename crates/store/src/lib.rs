@@ -57,4 +57,4 @@ pub use config::{StoreConfig, LAYOUT_VERSION, STORE_FORMAT};
 pub use error::{Error, ErrorKind, Result};
 pub use paced::Pacer;
 pub use stats::StoreStats;
-pub use store::Store;
+pub use store::{Listed, ListedKind, Store};

@@ -25,6 +25,9 @@ use crate::layout::{self, PointId, VmId};
 use crate::paced::{self, Pacer, Staged};
 use crate::stats::{Counters, StoreStats};
 
+mod gc;
+pub use gc::{Listed, ListedKind};
+
 /// An open store. Cheap to clone; clones share the connection pool and the counters.
 #[derive(Debug, Clone)]
 pub struct Store {

@@ -1,0 +1,168 @@
+//! Retention and garbage collection with a VM in a real qemu-storage-daemon: expired
+//! points lose their manifests, and exactly the objects no retained point references
+//! go (segments of expired cycles, bases replaced by compaction, a failed cycle's
+//! pieces); every retained point still migrates to the guest's content at its cut.
+//! The race: collections in a loop while cycles (with compaction) run on another
+//! thread; afterwards every retained point is exact and a final collection leaves
+//! nothing unreferenced.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tern_engine::gc::{gc, GcOptions};
+use tern_engine::{
+    add_qemu_vm, migrate, MigrateFormat, MigrateOptions, PointSelector, QemuVmSpec, ReplicateOptions,
+    VmSettings,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn add(h: &support::Host, vm: &support::Qsd) -> String {
+    let spec = QemuVmSpec {
+        name: "web".into(),
+        qmp: vm.qmp.clone(),
+        nodes: Vec::new(),
+        nbd: Some(vm.nbd.clone()),
+        cpus: None,
+        memory_bytes: None,
+        firmware: None,
+    };
+    add_qemu_vm(&h.engine, &spec).unwrap().id
+}
+
+fn migrate_shas(h: &support::Host, point: &str, out: PathBuf) -> Vec<String> {
+    let r = migrate(
+        &h.engine,
+        "web",
+        &MigrateOptions {
+            point: PointSelector::Id(point.into()),
+            format: MigrateFormat::Raw,
+            out_dir: out,
+            test: false,
+            threads: 2,
+            sync: false,
+            verify: false,
+        },
+        &|_| {},
+    )
+    .unwrap();
+    r.disks.iter().map(|d| support::sha256_file(&d.path)).collect()
+}
+
+fn points(h: &support::Host, vm_id: &str) -> Vec<String> {
+    let store = h.engine.open_store_at(h.engine.store_url(), false).unwrap();
+    h.engine.runtime().unwrap().block_on(store.list_points(vm_id)).unwrap()
+}
+
+fn guest(vm: &support::Qsd) -> Vec<String> {
+    vec![vm.guest_sha256("disk0"), vm.guest_sha256("disk1")]
+}
+
+#[test]
+fn retention_expires_points_and_gc_removes_exactly_what_nothing_references() {
+    let h = support::host();
+    let vm = support::Qsd::start(&[("qcow2", "16M"), ("raw", "8M")]);
+    vm.guest_random("disk0", 0, 4 << 20, 1);
+    let vm_id = add(&h, &vm);
+    let opts = ReplicateOptions { threads: 2, compact_after_segments: 3, ..Default::default() };
+    let mut expect: HashMap<String, Vec<String>> = HashMap::new();
+    for k in 0..8u64 {
+        if k > 0 {
+            vm.guest_random("disk0", (k % 4) * 3 * MIB + 512, 200_000, 10 + k);
+            vm.guest_random("disk1", (k % 3) * 2 * MIB, 70_000, 20 + k);
+        }
+        let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
+        expect.insert(r.point_id, guest(&vm));
+    }
+    // Nothing expires without a retention setting; nothing is garbage yet.
+    let r = gc(&h.engine, &GcOptions::default()).unwrap();
+    assert!(r.expired_points.is_empty());
+    assert_eq!(r.deleted_objects, 0, "{r:?}");
+
+    // Keep 3: the five oldest expire; a dry run says so and deletes nothing.
+    let s = VmSettings { enabled: true, retention_count: Some(3), ..Default::default() };
+    h.engine.db().set_settings(&vm_id, &s).unwrap();
+    let dry = gc(&h.engine, &GcOptions { dry_run: true, ..Default::default() }).unwrap();
+    assert_eq!(dry.expired_points.len(), 5);
+    assert!(dry.deleted_objects > 0);
+    assert_eq!(points(&h, &vm_id).len(), 8);
+    let r = gc(&h.engine, &GcOptions::default()).unwrap();
+    assert_eq!(r.expired_points.len(), 5);
+    assert_eq!(r.deleted_objects, dry.deleted_objects, "the dry run counted what the real run deleted");
+    let kept = points(&h, &vm_id);
+    assert_eq!(kept.len(), 3);
+    for (i, p) in kept.iter().enumerate() {
+        assert_eq!(&migrate_shas(&h, p, h.root.join(format!("k{i}"))), &expect[p], "retained point {p}");
+    }
+    let v =
+        tern_engine::verify(&h.engine, &tern_engine::VerifyOptions { read_data: true, ..Default::default() })
+            .unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    // A second collection finds nothing more.
+    let again = gc(&h.engine, &GcOptions::default()).unwrap();
+    assert_eq!((again.expired_points.len(), again.deleted_objects), (0, 0), "{again:?}");
+    // And cycles go on from the retained newest point.
+    vm.guest_random("disk1", 5 * MIB, 65536, 99);
+    let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
+    assert_eq!(migrate_shas(&h, &r.point_id, h.root.join("after")), guest(&vm));
+}
+
+#[test]
+fn gc_in_a_loop_while_cycles_run_never_takes_what_a_retained_point_needs() {
+    let h = support::host();
+    let vm = support::Qsd::start(&[("qcow2", "16M"), ("raw", "8M")]);
+    vm.guest_random("disk0", 0, 4 << 20, 1);
+    let vm_id = add(&h, &vm);
+    let s = VmSettings { enabled: true, retention_count: Some(4), ..Default::default() };
+    h.engine.db().set_settings(&vm_id, &s).unwrap();
+    let opts = ReplicateOptions { threads: 2, compact_after_segments: 3, ..Default::default() };
+    // The store exists from the first point on.
+    support::run_replicate(&h.engine, "web", &opts).unwrap();
+    let done = AtomicBool::new(false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (expect, collections) = std::thread::scope(|sc| {
+        let cycles = sc.spawn(|| {
+            let mut expect: HashMap<String, Vec<String>> = HashMap::new();
+            for k in 0..20u64 {
+                if Instant::now() > deadline {
+                    break;
+                }
+                vm.guest_random("disk0", (k % 5) * 3 * MIB + 4096, 150_000, 100 + k);
+                vm.guest_random("disk1", (k % 4) * 2 * MIB, 65536, 200 + k);
+                let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
+                expect.insert(r.point_id, guest(&vm));
+            }
+            done.store(true, Ordering::Relaxed);
+            expect
+        });
+        let collector = sc.spawn(|| {
+            let mut n = 0;
+            while !done.load(Ordering::Relaxed) && Instant::now() < deadline {
+                gc(&h.engine, &GcOptions::default()).unwrap();
+                n += 1;
+            }
+            n
+        });
+        (cycles.join().unwrap(), collector.join().unwrap())
+    });
+    println!("{} cycles and {collections} collections ran side by side", expect.len());
+    assert!(collections >= 3, "only {collections} collections ran beside the cycles");
+    assert!(expect.len() >= 10, "only {} cycles ran beside the collections", expect.len());
+    let last = gc(&h.engine, &GcOptions::default()).unwrap();
+    let kept = points(&h, &vm_id);
+    assert_eq!(kept.len(), 4, "{last:?}");
+    for (i, p) in kept.iter().enumerate() {
+        assert_eq!(&migrate_shas(&h, p, h.root.join(format!("r{i}"))), &expect[p], "retained point {p}");
+    }
+    // Nothing unreferenced is left.
+    let dry = gc(&h.engine, &GcOptions { dry_run: true, ..Default::default() }).unwrap();
+    assert_eq!((dry.expired_points.len(), dry.deleted_objects), (0, 0), "{dry:?}");
+    let v =
+        tern_engine::verify(&h.engine, &tern_engine::VerifyOptions { read_data: true, ..Default::default() })
+            .unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+}
