@@ -161,7 +161,8 @@ pub(crate) fn run(
         crate::lease::Lease::acquire(&store, rt.handle(), Some(&vm.id), &format!("cycle of VM {}", vm.name))?;
     let mut qmp = Qmp::connect(&q.qmp, QMP_TIMEOUT).map_err(qmp_err)?;
     let nbd_socket = q.nbd.clone().unwrap_or_else(|| dir.join("nbd.sock"));
-    let (tracker, formats) = tracker(&mut qmp, vm, &dir, nbd_socket.clone())?;
+    let (mut tracker, formats) = tracker(&mut qmp, vm, &dir, nbd_socket.clone())?;
+    tracker.test_stagger = opts.test_stagger;
     tracker.clean_leftovers(&mut qmp).map_err(qmp_err)?;
     let started = match &q.nbd {
         Some(_) => false,

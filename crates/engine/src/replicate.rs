@@ -60,6 +60,10 @@ pub struct ReplicateOptions {
     /// once this many segments are on the base, or once they changed a quarter of
     /// the disk; 1 compacts at every cycle. Default [`DEFAULT_COMPACT_SEGMENTS`].
     pub compact_after_segments: usize,
+    /// TEST ONLY: cut a QEMU VM's disks one at a time with this pause between (an
+    /// inconsistent cut), so that the consistency test shows it can fail.
+    #[doc(hidden)]
+    pub test_stagger: Option<std::time::Duration>,
 }
 
 /// Segments on a base before a cycle compacts it.
@@ -84,6 +88,7 @@ impl Default for ReplicateOptions {
             fail_after_uploads: None,
             cancel: None,
             compact_after_segments: DEFAULT_COMPACT_SEGMENTS,
+            test_stagger: None,
         }
     }
 }
