@@ -45,6 +45,11 @@ pub struct ReplicateArgs {
     /// Enable replication keeping at most this many points (1 or more).
     #[arg(long, value_name = "N")]
     retention_count: Option<u64>,
+    /// Most space one disk's change log may take on this host (1M or more; default
+    /// 16G). A cycle whose changes do not fit ships nothing and keeps them tracked in
+    /// QEMU (status: backlog); they ship once they fit. QEMU VMs only.
+    #[arg(long, value_name = "SIZE")]
+    log_budget: Option<ByteSize>,
     /// With an agent running: hand the VM to it and return at once, instead of
     /// showing progress until its next point is committed.
     #[arg(long)]
@@ -59,12 +64,16 @@ pub fn replicate(g: &GlobalArgs, a: ReplicateArgs) -> Result<ExitCode> {
     let threads = tern_engine::check_threads(a.threads)?;
     let engine = g.with_store(&a.globals).engine()?;
     let agent = tern_engine::agent::agent_running(&engine)?;
-    let settings = a.frequency.is_some() || a.retention_age.is_some() || a.retention_count.is_some();
+    let settings = a.frequency.is_some()
+        || a.retention_age.is_some()
+        || a.retention_count.is_some()
+        || a.log_budget.is_some();
     if settings || agent || a.detach {
         let change = tern_engine::SettingsChange {
             frequency: a.frequency,
             retention_age: a.retention_age,
             retention_count: a.retention_count,
+            log_budget: a.log_budget.map(|b| b.bytes()),
         };
         let before = {
             let vm = engine.vm(&a.name)?;
@@ -309,7 +318,11 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
     for vm in vms {
         let store = engine.vm_store_url(&vm).to_string();
         let tracking = engine.db().tracking(&vm.id)?.map(|t| TrackingStatus {
-            state: if t.last_error.is_some() { "error".into() } else { t.state.clone() },
+            state: if t.state != "backlog" && t.last_error.is_some() {
+                "error".into()
+            } else {
+                t.state.clone()
+            },
             last_point_age_seconds: t.last_point.as_deref().and_then(point_age),
             last_point: t.last_point,
             bitmap_seq: t.seq,

@@ -101,6 +101,13 @@ pub struct LogWriter {
 }
 
 fn io_err(path: &Path, what: &str, e: std::io::Error) -> Error {
+    // A full file system is a backlog, not a failure: the changes stay tracked.
+    if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+        return Error::new(
+            ErrorKind::Busy,
+            format!("change log {}: {what}: the file system is full", path.display()),
+        );
+    }
     Error::new(ErrorKind::Io, format!("change log {}: {what}: {e}", path.display()))
 }
 

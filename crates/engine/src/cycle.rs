@@ -233,6 +233,7 @@ fn plan(
     };
     match t.state.as_str() {
         "initial" => return Ok(Plan::Full { seq: t.seq + 1, why: None }),
+        // "delta" and "backlog": the bitmap covers everything since the point.
         "resync" => return Ok(Plan::Resync { seq: t.seq + 1, base, why: None }),
         _ => {}
     }
@@ -373,6 +374,7 @@ impl Pass<'_> {
                 tracker.disks.len()
             )));
         }
+        let budget = self.engine.db().settings(&vm.id)?.log_budget.unwrap_or(DEFAULT_LOG_BUDGET);
         let mut cut = tracker.cut(qmp, seq + 1, false).map_err(qmp_err)?;
         let instant = instant_of(cut.instant);
         let logs_dir = tracker.workdir.join("logs");
@@ -395,21 +397,16 @@ impl Pass<'_> {
                     granularity: tracker.granularity,
                 };
                 let dir = logs_dir.join(format!("disk-{i}"));
-                let log = crate::qemu::stage::stage_disk(
-                    &cut.nbd.socket,
-                    f,
-                    &dir,
-                    header,
-                    DEFAULT_LOG_BUDGET,
-                    QMP_TIMEOUT,
-                )
-                .map_err(|e| e.context(format!("disk {i}")))?;
+                let log =
+                    crate::qemu::stage::stage_disk(&cut.nbd.socket, f, &dir, header, budget, QMP_TIMEOUT)
+                        .map_err(|e| e.context(format!("disk {i}")))?;
                 logs.push(log);
             }
             Ok((point_id, logs))
         })();
         // The view is needed no longer: the copy-before-write window ends here.
         let released = cut.release(qmp).map_err(qmp_err);
+        let staging_failed = staged.is_err();
         let committed = staged.and_then(|(point_id, logs)| {
             released?;
             self.commit_delta(&base_m, base, &point_id, instant, &logs)
@@ -420,6 +417,17 @@ impl Pass<'_> {
                 let _ = std::fs::remove_dir_all(&logs_dir);
                 // Keep every change for the next cycle.
                 return match tracker.reconcile(qmp, seq) {
+                    Ok(true) if staging_failed && e.kind() == ErrorKind::Busy => {
+                        let _ = self.set_tracking(seq, "backlog", Some(base.to_string()));
+                        Err(Error::new(
+                            ErrorKind::Busy,
+                            format!(
+                                "backlog: {e}; the changes stay tracked in QEMU and ship once they fit \
+                                 (raise the budget with `tern replicate {} --log-budget SIZE`, or free space)",
+                                vm.name
+                            ),
+                        ))
+                    }
                     Ok(true) => Err(e),
                     Ok(false) => {
                         let _ = self.set_tracking(seq, "resync", Some(base.to_string()));

@@ -107,7 +107,7 @@ const MIGRATIONS: &[&str] = &[
         vm_id TEXT PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
         store_url TEXT NOT NULL,
         seq INTEGER NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('initial', 'resync', 'delta')),
+        state TEXT NOT NULL CHECK (state IN ('initial', 'resync', 'delta', 'backlog')),
         last_point TEXT,
         last_error TEXT,
         updated TEXT NOT NULL
@@ -119,6 +119,7 @@ const MIGRATIONS: &[&str] = &[
         frequency_ms INTEGER,
         retention_age_s INTEGER,
         retention_count INTEGER,
+        log_budget INTEGER,
         updated TEXT NOT NULL
     );
     CREATE TABLE replication_disks_v4 (
@@ -156,6 +157,9 @@ pub struct VmSettings {
     pub retention_age_s: Option<u64>,
     /// At most this many points are kept.
     pub retention_count: Option<u64>,
+    /// Most bytes one disk's change log may take on the host; `None`: the default
+    /// ([`crate::DEFAULT_LOG_BUDGET`]).
+    pub log_budget: Option<u64>,
 }
 
 /// A QEMU VM's change tracking, as recorded.
@@ -168,7 +172,9 @@ pub struct TrackingRow {
     /// The bitmap sequence number that records changes since `last_point`.
     pub seq: u64,
     /// `initial` or `resync` (a full pass is due or running: the bitmap does not yet
-    /// cover everything since a committed point) or `delta` (it does).
+    /// cover everything since a committed point), `delta` (it does), or `backlog` (it
+    /// does, and the last cycle could not stage its changes: over the log budget, or
+    /// the log file system full).
     pub state: String,
     /// The newest point this tracking committed.
     pub last_point: Option<String>,
@@ -448,7 +454,7 @@ impl StateDb {
         let row = self
             .conn()
             .query_row(
-                "SELECT enabled, paused, frequency_ms, retention_age_s, retention_count FROM vm_settings WHERE vm_id = ?1",
+                "SELECT enabled, paused, frequency_ms, retention_age_s, retention_count, log_budget FROM vm_settings WHERE vm_id = ?1",
                 [vm_id],
                 |r| {
                     Ok(VmSettings {
@@ -457,6 +463,7 @@ impl StateDb {
                         frequency_ms: r.get::<_, Option<i64>>(2)?.map(to_u64),
                         retention_age_s: r.get::<_, Option<i64>>(3)?.map(to_u64),
                         retention_count: r.get::<_, Option<i64>>(4)?.map(to_u64),
+                        log_budget: r.get::<_, Option<i64>>(5)?.map(to_u64),
                     })
                 },
             )
@@ -468,8 +475,8 @@ impl StateDb {
     pub fn set_settings(&self, vm_id: &str, s: &VmSettings) -> Result<()> {
         let opt = |v: Option<u64>, what: &str| v.map(|v| to_i64(v, what)).transpose();
         self.conn().execute(
-            "INSERT OR REPLACE INTO vm_settings (vm_id, enabled, paused, frequency_ms, retention_age_s, retention_count, updated) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT OR REPLACE INTO vm_settings (vm_id, enabled, paused, frequency_ms, retention_age_s, retention_count, log_budget, updated) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 vm_id,
                 s.enabled as i64,
@@ -477,6 +484,7 @@ impl StateDb {
                 opt(s.frequency_ms, "frequency")?,
                 opt(s.retention_age_s, "retention age")?,
                 opt(s.retention_count, "retention count")?,
+                opt(s.log_budget, "log budget")?,
                 crate::now_rfc3339()
             ],
         )?;

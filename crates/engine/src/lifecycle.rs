@@ -21,6 +21,8 @@ pub struct SettingsChange {
     pub retention_age: Option<Duration>,
     /// At most this many points are kept.
     pub retention_count: Option<u64>,
+    /// Most bytes one disk's change log may take on the host.
+    pub log_budget: Option<u64>,
 }
 
 /// Enable replication of VM `name` (the agent then replicates it), applying `change`.
@@ -43,6 +45,12 @@ pub fn enable(engine: &Engine, name: &str, change: &SettingsChange) -> Result<(V
             return Err(Error::invalid("--retention-count 0 is out of range: keep at least 1 point"));
         }
         s.retention_count = Some(c);
+    }
+    if let Some(b) = change.log_budget {
+        if b < (1 << 20) {
+            return Err(Error::invalid("--log-budget is out of range: use 1M or more"));
+        }
+        s.log_budget = Some(b);
     }
     engine.db().set_settings(&vm.id, &s)?;
     Ok((vm, s))

@@ -59,7 +59,12 @@ pub fn stage_disk(
             let n = (end - at).min(PIECE);
             let b = &mut buf[..n as usize];
             client.read(b, at).map_err(nbd)?;
-            log.data(at, b)?;
+            if let Err(e) = log.data(at, b) {
+                let partial = crate::changelog::log_paths(log_dir, header.seq).0;
+                drop(log);
+                let _ = std::fs::remove_file(partial);
+                return Err(e);
+            }
             at += n;
             if over_budget(&log) {
                 let partial = crate::changelog::log_paths(log_dir, header.seq).0;
