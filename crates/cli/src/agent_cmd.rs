@@ -29,6 +29,10 @@ pub struct AgentArgs {
     /// a retention setting (1s to 7d). A collection pauses passes while it runs.
     #[arg(long, value_parser = parse_duration, default_value = "1h", value_name = "DURATION")]
     gc_interval: Duration,
+    /// CPU niceness of the agent, 0 to 19: the guests come first when they compete
+    /// for the host's CPU (its disk I/O is best effort, lowest level, too).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    nice: i32,
     #[command(flatten)]
     globals: StoreOptions,
 }
@@ -39,6 +43,7 @@ pub fn agent(g: &GlobalArgs, a: AgentArgs) -> Result<ExitCode> {
     tern_engine::agent::check_frequency(a.frequency)?;
     let engine = g.with_store(&a.globals).engine()?;
     let stop = tern_engine::agent::stop_on_signals();
+    tern_engine::agent::lower_priority(a.nice);
     let opts = AgentOptions {
         frequency: a.frequency,
         replicate: ReplicateOptions { threads, ..Default::default() },

@@ -76,3 +76,54 @@ fn an_operator_replicates_a_running_qemu_vm_in_cycles() {
     let v = ok(tern(&data).args(["store", "verify", "--read-data"]));
     assert!(v.contains(": 0 problem(s)"), "{v}");
 }
+
+/// `tern replicate` killed in the middle of a QEMU VM's initial replication (upload
+/// throttled, so it is mid-way): the next run resumes from the same frozen view, which
+/// QEMU still holds, reads only the chunks not recorded, and its point is the guest
+/// at the first run's cut (writes made in between go to the next cycle).
+#[test]
+fn a_killed_initial_replication_resumes_from_the_same_view() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    let vm = Qsd::start(d.path());
+    vm.write_random("disk0", 0, 16 << 20, 9);
+    ok(tern(&data).args(["vm", "add", "web", "--qmp"]).arg(&vm.qmp).arg("--nbd").arg(&vm.nbd));
+    ok(tern(&data).args(["throttle", "set", "--work-limit", "8Mbps", "--off-limit", "8Mbps"]));
+    let mut child = tern(&data)
+        .args(["replicate", "web", "--no-progress", "--threads", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Until a chunk is recorded (about 4 s per 4 MiB chunk at 1 MB/s), then kill -9.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let st: serde_json::Value =
+            serde_json::from_str(&ok(tern(&data).args(["status", "--json"]))).unwrap();
+        if st[0]["bytes_done"].as_u64().unwrap_or(0) >= 4 << 20 {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "no chunk recorded in 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = vm.tern_objects();
+    assert!(before.iter().any(|o| o.starts_with("export")), "the view stays in QEMU: {before:?}");
+    // The guest writes after the cut; they belong to the next point.
+    vm.write("disk0", "write -P 0x77 20M 64k");
+    ok(tern(&data).args(["throttle", "set", "--work-limit", "unlimited", "--off-limit", "unlimited"]));
+    let r: serde_json::Value =
+        serde_json::from_str(&ok(tern(&data).args(["replicate", "web", "--json"]))).unwrap();
+    assert_eq!(r["resumed"], true, "{r}");
+    assert!(r["disks"][0]["resumed_chunks"].as_u64().unwrap() >= 1, "{r}");
+    // Only the tracking bitmaps are left in QEMU.
+    assert!(vm.tern_objects().iter().all(|o| o.starts_with("bitmap")), "{:?}", vm.tern_objects());
+    // The next cycle brings the write made in between.
+    let out = ok(tern(&data).args(["replicate", "web"]));
+    assert!(out.contains("delta point"), "{out}");
+    let out_dir = d.path().join("out");
+    ok(tern(&data).args(["migrate", "web", "--format", "raw", "--out"]).arg(&out_dir));
+    vm.same_as_guest(&out_dir.join("web-disk0.raw"), "raw", "disk0");
+    vm.same_as_guest(&out_dir.join("web-disk1.raw"), "raw", "disk1");
+}

@@ -252,3 +252,15 @@ pub fn stop_on_signals() -> &'static AtomicBool {
     }
     &STOP
 }
+
+/// Lower this process's CPU priority to `nice` (0 to 19) and its I/O priority to the
+/// best-effort class's lowest level, so that the guests on this host come first when
+/// the agent competes with them for CPU and disk. Best effort: a failure is ignored.
+pub fn lower_priority(nice: i32) {
+    // SAFETY: plain system calls on this process.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, nice.clamp(0, 19));
+        // ioprio_set(IOPRIO_WHO_PROCESS, 0, IOPRIO_PRIO_VALUE(IOPRIO_CLASS_BE, 7)).
+        libc::syscall(libc::SYS_ioprio_set, 1, 0, (2 << 13) | 7);
+    }
+}

@@ -124,6 +124,27 @@ fn tracker(qmp: &mut Qmp, vm: &VmDef, dir: &Path, nbd: PathBuf) -> Result<(Track
     Ok((t, formats))
 }
 
+/// Whether QEMU still holds the views of an unfinished initial replication: every
+/// disk's export and bitmap `seq`.
+fn views_alive(qmp: &mut Qmp, tracker: &Tracker, seq: u64) -> Result<bool> {
+    let exports = qmp.execute("query-block-exports", None).map_err(qmp_err)?;
+    let bitmap = crate::qemu::cut::bitmap_name(&tracker.vm, seq);
+    for (i, d) in tracker.disks.iter().enumerate() {
+        let id = format!("tern-export-{}-{i}", tracker.vm);
+        if !exports.as_array().is_some_and(|a| a.iter().any(|x| x["id"] == id.as_str())) {
+            return Ok(false);
+        }
+        if !crate::qemu::bitmaps(qmp, &d.node)
+            .map_err(qmp_err)?
+            .iter()
+            .any(|b| b.name == bitmap && !b.inconsistent)
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// What this pass does.
 enum Plan {
     /// Read every disk whole and store it (no point yet): bitmap `seq` starts with
@@ -163,11 +184,28 @@ pub(crate) fn run(
     let nbd_socket = q.nbd.clone().unwrap_or_else(|| dir.join("nbd.sock"));
     let (mut tracker, formats) = tracker(&mut qmp, vm, &dir, nbd_socket.clone())?;
     tracker.test_stagger = opts.test_stagger;
-    tracker.clean_leftovers(&mut qmp).map_err(qmp_err)?;
+    let tracking = db.tracking(&vm.id)?;
+    // An initial replication whose tern was killed resumes from the same frozen view
+    // while QEMU still holds it (its bitmap started at that view): only the chunks
+    // not recorded yet are read.
+    let resumable = match tracking.as_ref().filter(|t| t.state == "initial" && t.store_url == url) {
+        Some(t) => match db.running_replication(&vm.id, &url)? {
+            Some(r) if views_alive(&mut qmp, &tracker, t.seq)? => Some((t.seq, r)),
+            _ => None,
+        },
+        None => None,
+    };
+    if resumable.is_none() {
+        tracker.clean_leftovers(&mut qmp).map_err(qmp_err)?;
+    }
     let started = match &q.nbd {
         Some(_) => false,
         None => {
-            if !start_nbd(&mut qmp, &nbd_socket)? {
+            // A server tern started for a pass that was killed is still there,
+            // listening on tern's own socket: it is reused, and stopped at the end.
+            if !start_nbd(&mut qmp, &nbd_socket)?
+                && std::os::unix::net::UnixStream::connect(&nbd_socket).is_err()
+            {
                 return Err(Error::new(
                     ErrorKind::Busy,
                     format!(
@@ -180,10 +218,28 @@ pub(crate) fn run(
             true
         }
     };
+    if let Some((seq, repl)) = resumable {
+        let own = OwnNbd { qmp: &mut qmp, started };
+        let disks = db.replication_disks(&vm.id, &repl.point_id)?;
+        crate::replicate::forget_collected(engine, &rt, &store, &repl, &disks)?;
+        let res = full_pass(engine, &rt, vm, &store, &key, repl, disks, true, opts, throttle, observer);
+        let cleaned = tracker.clean_leftovers(own.qmp).map_err(qmp_err);
+        let report = res?;
+        db.set_tracking(&TrackingRow {
+            vm_id: vm.id.clone(),
+            store_url: url.clone(),
+            seq,
+            state: "delta".into(),
+            last_point: Some(report.point_id.clone()),
+            last_error: None,
+            updated: String::new(),
+        })?;
+        cleaned?;
+        return Ok(report);
+    }
     let own = OwnNbd { qmp: &mut qmp, started };
     let qmp = &mut *own.qmp;
 
-    let tracking = db.tracking(&vm.id)?;
     let points = rt.block_on(store.list_points(&vm.id))?;
     let plan = plan(qmp, &tracker, tracking.as_ref(), &url, &points)?;
     let ctx = Pass { engine, rt: &rt, vm, store: &store, key: &key, url: &url, opts, throttle, observer };

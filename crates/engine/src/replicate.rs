@@ -252,7 +252,7 @@ pub fn replicate(
 /// A resumed replication's recorded chunks are referenced by no manifest yet: a
 /// garbage collection that ran while the replication was stopped removed them. Its
 /// own lease keeps collections out from here on; those gone are read again.
-fn forget_collected(
+pub(crate) fn forget_collected(
     engine: &Engine,
     rt: &tokio::runtime::Runtime,
     store: &Store,

@@ -209,3 +209,23 @@ fn compaction_folds_segments_into_a_new_base_and_every_point_still_reads() {
             .unwrap();
     assert!(v.problems.is_empty(), "{:?}", v.problems);
 }
+
+/// QEMU shut down cleanly and started again on the same images: a qcow2 disk's
+/// persistent bitmap survives, so tracking goes on with a delta (no resync), and the
+/// point is exact.
+#[test]
+fn a_clean_qemu_restart_keeps_tracking_on_qcow2() {
+    let h = support::host();
+    let mut vm = support::Qsd::start(&[("qcow2", "16M")]);
+    vm.guest_random("disk0", 0, 2 << 20, 3);
+    add_qemu_vm(&h.engine, &spec(&vm, Some(vm.nbd.clone()))).unwrap();
+    let opts = ReplicateOptions { threads: 2, ..Default::default() };
+    support::run_replicate(&h.engine, "web", &opts).unwrap();
+    vm.guest_random("disk0", 5 * MIB, 65536, 4);
+    vm.restart(false);
+    vm.guest_random("disk0", 9 * MIB, 65536, 5);
+    let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
+    assert_eq!(r.kind, PointKind::Delta, "a clean restart must not cost a resync");
+    assert_eq!(r.disks[0].changed_bytes, 2 * 65536);
+    assert_eq!(migrate_point(&h, &r.point_id, &h.root.join("o")), vec![vm.guest_sha256("disk0")]);
+}
