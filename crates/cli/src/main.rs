@@ -41,6 +41,10 @@ use tern_engine::{Engine, EngineOptions};
 ///
 ///   tern migrate web --format azure --out ./cutover
 ///
+/// A VM running in QEMU is replicated continuously, in delta cycles:
+///
+///   tern vm add db --qmp /run/db.qmp ; tern agent & tern replicate db --frequency 30s
+///
 /// `tern demo` runs the whole flow on a sample disk.
 #[derive(Parser)]
 #[command(name = "tern", version, about, long_about, propagate_version = true)]
@@ -176,21 +180,25 @@ enum Command {
     Status(replicate_cmd::StatusArgs),
     /// List a VM's recovery points (read from the store).
     Points(replicate_cmd::PointsArgs),
-    /// The long-running data mover: replicates every VM with replication enabled
-    /// (`tern replicate NAME --frequency ...`) at its frequency, one pass after
-    /// another: the initial replication, then a delta cycle each time (for VMs in
+    /// The long-running data mover: replicates every enabled VM at its frequency.
+    ///
+    /// Every VM with replication enabled (`tern replicate NAME --frequency ...`) is
+    /// replicated at its frequency, one pass after another: the initial replication, then a delta cycle each time (for VMs in
     /// QEMU; VMs of image files get a full pass, deduplicated). Resumes what a stopped
     /// agent was doing; SIGTERM or SIGINT stops it cleanly. One per data directory;
     /// a systemd unit is in contrib/tern-agent.service.
     Agent(agent_cmd::AgentArgs),
-    /// Pause replication of a VM: the agent skips it. QEMU keeps tracking its
-    /// changes, so the first cycle after `tern resume` ships them (no resync).
+    /// Pause replication of a VM: the agent skips it.
+    ///
+    /// QEMU keeps tracking its changes, so the first cycle after `tern resume` ships
+    /// them (no resync).
     Pause(agent_cmd::NameArgs),
     /// Resume replication of a paused VM.
     Resume(agent_cmd::NameArgs),
-    /// End replication of a VM after its migration: removes QEMU's dirty bitmaps and
-    /// anything else tern made on this host for it (change logs, overlays, snapshots)
-    /// and says what it removed. Waits for a running pass to end. Points stay in the
+    /// End replication of a VM after its migration, removing what tern made for it.
+    ///
+    /// Removes QEMU's dirty bitmaps and anything else tern made on this host for it
+    /// (change logs, overlays, snapshots) and says what it removed. Waits for a running pass to end. Points stay in the
     /// store; the VM stays registered (`tern vm remove` forgets it).
     Complete(agent_cmd::NameArgs),
     /// Turn a recovery point into disk images plus VM definitions.
