@@ -258,6 +258,9 @@ struct ScheduleStatus {
     agent_running: bool,
     /// The newest point is older than twice the frequency: the RPO is missed.
     rpo_missed: bool,
+    /// Seconds until the next cycle is due (0: due now), when the frequency and the
+    /// newest point's age are known.
+    next_cycle_in_seconds: Option<u64>,
 }
 
 /// A QEMU VM's change tracking in `tern status`.
@@ -339,6 +342,10 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
                 retention_count: settings.retention_count,
                 agent_running: tern_engine::agent::agent_running(&engine)?,
                 rpo_missed: matches!((age, freq), (Some(a), Some(f)) if a as f64 > 2.0 * f),
+                next_cycle_in_seconds: match (age, freq) {
+                    (Some(a), Some(f)) if !settings.paused => Some((f - a as f64).max(0.0).round() as u64),
+                    _ => None,
+                },
             })
         } else {
             None
@@ -418,6 +425,9 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
                 match s.frequency_seconds {
                     Some(f) => line += &format!(", every {}", fmt_duration(f)),
                     None => line += ", at the agent's frequency",
+                }
+                if let Some(n) = s.next_cycle_in_seconds {
+                    line += &format!(", next cycle in {}", fmt_duration(n as f64));
                 }
                 if s.rpo_missed {
                     line += " (RPO missed)";

@@ -47,6 +47,9 @@ pub enum StoreCommand {
     },
     /// Apply retention and remove what no retained point references.
     ///
+    /// Without --store: every store this host's VMs replicate to, and the default
+    /// store (as `store verify`).
+    ///
     /// Points past a VM's retention (`tern replicate NAME --retention-age/--retention-count`;
     /// the newest point is always kept) lose their manifests; then every chunk, index
     /// and segment piece that no remaining point references is deleted. Replication
@@ -108,27 +111,33 @@ pub fn store(g: &GlobalArgs, cmd: StoreCommand) -> Result<ExitCode> {
     match cmd {
         StoreCommand::Gc { dry_run, json, globals } => {
             let engine = g.with_store(&globals).engine()?;
-            let r =
-                tern_engine::gc::gc(&engine, &tern_engine::gc::GcOptions { dry_run, ..Default::default() })?;
+            let mut reports = Vec::new();
+            for url in stores_to_verify(&engine)? {
+                let opts = tern_engine::gc::GcOptions { dry_run, store_url: Some(url), ..Default::default() };
+                reports.push(tern_engine::gc::gc(&engine, &opts)?);
+            }
             if json {
-                print_json(&r)?;
+                print_json(&reports)?;
                 return Ok(ExitCode::SUCCESS);
             }
+            if reports.is_empty() {
+                outln!("no store to collect: nothing has been replicated yet");
+            }
             let verb = if dry_run { "would delete" } else { "deleted" };
-            for (vm, p) in &r.expired_points {
+            for r in &reports {
+                for (vm, p) in &r.expired_points {
+                    let what = if dry_run { "would expire" } else { "expired" };
+                    outln!("{what} point {p} of VM {vm} (past its retention)");
+                }
                 outln!(
-                    "{} point {p} of VM {vm} (past its retention)",
-                    if dry_run { "would expire" } else { "expired" }
+                    "store {}: {} point(s) kept, {} object(s) referenced; {verb} {} object(s) ({})",
+                    r.store_url,
+                    r.retained_points,
+                    r.referenced_objects,
+                    r.deleted_objects,
+                    ByteSize(r.deleted_bytes)
                 );
             }
-            outln!(
-                "store {}: {} point(s) kept, {} object(s) referenced; {verb} {} object(s) ({})",
-                r.store_url,
-                r.retained_points,
-                r.referenced_objects,
-                r.deleted_objects,
-                ByteSize(r.deleted_bytes)
-            );
             Ok(ExitCode::SUCCESS)
         }
         StoreCommand::Verify { read_data, threads, json, globals } => {

@@ -75,6 +75,15 @@ fn an_operator_replicates_a_running_qemu_vm_in_cycles() {
     vm.same_as_guest(&out.join("web-disk1.raw"), "raw", "disk1");
     let v = ok(tern(&data).args(["store", "verify", "--read-data"]));
     assert!(v.contains(": 0 problem(s)"), "{v}");
+    // Every object is referenced by a point (no retention is set): nothing to collect.
+    let gc = ok(tern(&data).args(["store", "gc", "--dry-run"]));
+    assert!(gc.contains("3 point(s) kept") && gc.contains("would delete 0 object(s)"), "{gc}");
+    // With a retention of 2 points, the two oldest go, and every kept point still reads.
+    ok(tern(&data).args(["replicate", "web", "--retention-count", "2"]));
+    let gc = ok(tern(&data).args(["store", "gc"]));
+    assert!(gc.contains("expired point") && gc.contains("2 point(s) kept"), "{gc}");
+    let v = ok(tern(&data).args(["store", "verify", "--read-data"]));
+    assert!(v.contains("2 point(s)") && v.contains(": 0 problem(s)"), "{v}");
 }
 
 /// `tern replicate` killed in the middle of a QEMU VM's initial replication (upload
