@@ -417,12 +417,16 @@ impl Pass<'_> {
         Ok(report)
     }
 
+    /// The manifest of this VM's point `point`, checked.
+    fn manifest(&self, point: &str) -> Result<Manifest> {
+        let env = self.rt.block_on(self.store.get_manifest(&self.vm.id, point))?;
+        Manifest::open(self.key, &env, &self.vm.id, point).map_err(|e| e.context(format!("point {point}")))
+    }
+
     /// A delta cycle on point `base`: bitmap `seq` holds what changed since.
     fn delta(&self, qmp: &mut Qmp, tracker: &Tracker, seq: u64, base: &str) -> Result<ReplicateReport> {
         let vm = self.vm;
-        let env = self.rt.block_on(self.store.get_manifest(&vm.id, base))?;
-        let base_m =
-            Manifest::open(self.key, &env, &vm.id, base).map_err(|e| e.context(format!("point {base}")))?;
+        let base_m = self.manifest(base)?;
         if base_m.disks.len() != tracker.disks.len() {
             return Err(Error::invalid(format!(
                 "point {base} has {} disks, the VM {}: register the VM again",
@@ -514,9 +518,7 @@ impl Pass<'_> {
     /// the bitmap's granularity), and what differs is committed as a delta point.
     fn resync(&self, qmp: &mut Qmp, tracker: &Tracker, seq: u64, base: &str) -> Result<ReplicateReport> {
         let vm = self.vm;
-        let env = self.rt.block_on(self.store.get_manifest(&vm.id, base))?;
-        let base_m =
-            Manifest::open(self.key, &env, &vm.id, base).map_err(|e| e.context(format!("point {base}")))?;
+        let base_m = self.manifest(base)?;
         tracker.remove_all_bitmaps(qmp).map_err(qmp_err)?;
         self.set_tracking(seq, "resync", Some(base.to_string()))?;
         let mut cut = tracker.cut(qmp, seq, true).map_err(qmp_err)?;
