@@ -24,7 +24,6 @@
 //! superset of the changes, which is still exact.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -448,14 +447,7 @@ impl Pass<'_> {
                         base_m.disks[i].virtual_size, f.size
                     )));
                 }
-                let header = LogHeader {
-                    vm_id: vm_id_bytes(&vm.id),
-                    disk: i as u32,
-                    seq: seq + 1,
-                    instant_ms: (instant.unix_timestamp_nanos() / 1_000_000) as u64,
-                    virtual_size: f.size,
-                    granularity: tracker.granularity,
-                };
+                let header = log_header(&vm.id, i, seq + 1, instant, f.size, tracker.granularity);
                 let dir = logs_dir.join(format!("disk-{i}"));
                 let log =
                     crate::qemu::stage::stage_disk(&cut.nbd.socket, f, &dir, header, budget, QMP_TIMEOUT)
@@ -543,14 +535,7 @@ impl Pass<'_> {
                         bd.virtual_size, f.size
                     )));
                 }
-                let header = LogHeader {
-                    vm_id: vm_id_bytes(&vm.id),
-                    disk: i as u32,
-                    seq,
-                    instant_ms: (instant.unix_timestamp_nanos() / 1_000_000) as u64,
-                    virtual_size: f.size,
-                    granularity: tracker.granularity,
-                };
+                let header = log_header(&vm.id, i, seq, instant, f.size, tracker.granularity);
                 let view = tern_disk::nbd::NbdDisk::open_unix(&cut.nbd.socket, &f.export_name, QMP_TIMEOUT)
                     .map_err(|e| Error::from(e).context(format!("disk {i}: opening the view")))?;
                 let prev = self.rt.block_on(crate::point::PointReader::open(
@@ -672,6 +657,48 @@ impl Pass<'_> {
         Ok((d, stored))
     }
 
+    /// Disk `i` of the new point `point_id` as a segment on point `base`'s chain: the
+    /// log's records in pieces, uploaded. Returns the disk's manifest entry and the
+    /// envelope bytes uploaded.
+    fn segment_disk(
+        &self,
+        base: &str,
+        bd: &ManifestDisk,
+        log: &LogReader,
+        changed_bytes: u64,
+        point_id: &str,
+        i: u32,
+    ) -> Result<(ManifestDisk, u64)> {
+        let (vm, key, store) = (self.vm, self.key, self.store);
+        let mut stored = 0u64;
+        let mut pieces = Vec::new();
+        let pacer = |remaining: u64| self.throttle.grant(remaining);
+        crate::segment::split(log, bd.chunk_size as usize, |k, piece| {
+            crate::replicate::check_cancel(self.opts)?;
+            let plain = piece.encode();
+            let digest = chunk_address(key, &plain).to_hex();
+            let env = Bytes::from(seal(key, ObjectKind::Segment, &plain, self.opts.compression_level)?);
+            stored += env.len() as u64;
+            self.rt
+                .block_on(store.put_segment_paced(&vm.id, point_id, i, k, env, &pacer))
+                .map_err(|e| Error::from(e).context(format!("storing segment piece {k} of disk {i}")))?;
+            (self.observer)(ReplicateEvent::Chunk { disk: i, guest_bytes: piece.changed_bytes() });
+            pieces.push(PieceRef { start: piece.start, end: piece.end, digest });
+            Ok(())
+        })?;
+        let mut d =
+            ManifestDisk { base_point: Some(bd.base_point(base).to_string()), sha256: None, ..bd.clone() };
+        if !pieces.is_empty() {
+            d.segments.push(SegmentRef {
+                point_id: point_id.to_string(),
+                changed_bytes,
+                stored_bytes: stored,
+                pieces,
+            });
+        }
+        Ok((d, stored))
+    }
+
     fn commit_delta(
         &self,
         base_m: &Manifest,
@@ -687,53 +714,13 @@ impl Pass<'_> {
         for (i, (bd, log)) in base_m.disks.iter().zip(logs).enumerate() {
             let reader = LogReader::open(&log.path)?;
             (self.observer)(ReplicateEvent::DiskStart { disk: i as u32, total: log.changed_bytes, done: 0 });
-            if compaction_due(bd, self.opts.compact_after_segments) {
-                let (d, stored) = self.compact_disk(base, bd, &reader, point_id, i as u32)?;
-                (self.observer)(ReplicateEvent::DiskDone { disk: i as u32 });
-                reports.push(DiskReport {
-                    disk: i as u32,
-                    virtual_size: bd.virtual_size,
-                    read_bytes: log.data_bytes,
-                    uploaded_bytes: stored,
-                    changed_bytes: log.changed_bytes,
-                    snapshot: SnapshotKind::QemuView,
-                    compacted: true,
-                    ..Default::default()
-                });
-                disks.push(d);
-                continue;
-            }
-            let stored = AtomicU64::new(0);
-            let mut pieces = Vec::new();
-            let pacer = |remaining: u64| self.throttle.grant(remaining);
-            crate::segment::split(&reader, bd.chunk_size as usize, |k, piece| {
-                crate::replicate::check_cancel(self.opts)?;
-                let plain = piece.encode();
-                let digest = chunk_address(key, &plain).to_hex();
-                let env = Bytes::from(seal(key, ObjectKind::Segment, &plain, self.opts.compression_level)?);
-                stored.fetch_add(env.len() as u64, Ordering::Relaxed);
-                self.rt
-                    .block_on(store.put_segment_paced(&vm.id, point_id, i as u32, k, env, &pacer))
-                    .map_err(|e| Error::from(e).context(format!("storing segment piece {k} of disk {i}")))?;
-                (self.observer)(ReplicateEvent::Chunk { disk: i as u32, guest_bytes: piece.changed_bytes() });
-                pieces.push(PieceRef { start: piece.start, end: piece.end, digest });
-                Ok(())
-            })?;
-            (self.observer)(ReplicateEvent::DiskDone { disk: i as u32 });
-            let mut d = ManifestDisk {
-                base_point: Some(bd.base_point(base).to_string()),
-                sha256: None,
-                ..bd.clone()
+            let compacted = compaction_due(bd, self.opts.compact_after_segments);
+            let (d, stored) = if compacted {
+                self.compact_disk(base, bd, &reader, point_id, i as u32)?
+            } else {
+                self.segment_disk(base, bd, &reader, log.changed_bytes, point_id, i as u32)?
             };
-            let stored = stored.into_inner();
-            if !pieces.is_empty() {
-                d.segments.push(SegmentRef {
-                    point_id: point_id.to_string(),
-                    changed_bytes: log.changed_bytes,
-                    stored_bytes: stored,
-                    pieces,
-                });
-            }
+            (self.observer)(ReplicateEvent::DiskDone { disk: i as u32 });
             reports.push(DiskReport {
                 disk: i as u32,
                 virtual_size: bd.virtual_size,
@@ -741,6 +728,7 @@ impl Pass<'_> {
                 uploaded_bytes: stored,
                 changed_bytes: log.changed_bytes,
                 snapshot: SnapshotKind::QemuView,
+                compacted,
                 ..Default::default()
             });
             disks.push(d);
@@ -782,6 +770,25 @@ impl Pass<'_> {
             disks: reports,
             store_stats: store.stats(),
         })
+    }
+}
+
+/// The header of disk `disk`'s change log for cycle `seq`, cut at `instant`.
+fn log_header(
+    vm_id: &str,
+    disk: usize,
+    seq: u64,
+    instant: time::OffsetDateTime,
+    size: u64,
+    granularity: u64,
+) -> LogHeader {
+    LogHeader {
+        vm_id: vm_id_bytes(vm_id),
+        disk: disk as u32,
+        seq,
+        instant_ms: (instant.unix_timestamp_nanos() / 1_000_000) as u64,
+        virtual_size: size,
+        granularity,
     }
 }
 
