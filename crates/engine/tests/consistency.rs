@@ -15,9 +15,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tern_engine::{
-    add_qemu_vm, migrate, MigrateFormat, MigrateOptions, PointSelector, QemuVmSpec, ReplicateOptions,
-};
+use tern_engine::{add_qemu_vm, migrate, MigrateFormat, MigrateOptions, PointSelector, ReplicateOptions};
 
 const SIZE: usize = 8 << 20;
 const COUNTER: usize = SIZE - 512;
@@ -136,15 +134,7 @@ fn writer(vm: &support::Qsd, progress: &AtomicU64) {
 fn every_point_is_both_disks_at_one_instant_and_a_staggered_cut_is_caught() {
     let h = support::host();
     let vm = support::Qsd::start(&[("qcow2", "8M"), ("raw", "8M")]);
-    let spec = QemuVmSpec {
-        name: "web".into(),
-        qmp: vm.qmp.clone(),
-        nodes: Vec::new(),
-        nbd: Some(vm.nbd.clone()),
-        cpus: None,
-        memory_bytes: None,
-        firmware: None,
-    };
+    let spec = vm.spec("web");
     add_qemu_vm(&h.engine, &spec).unwrap();
     let opts = ReplicateOptions { threads: 2, compact_after_segments: 4, ..Default::default() };
     let progress = AtomicU64::new(0);
@@ -205,15 +195,7 @@ fn every_point_is_both_disks_at_one_instant_and_a_staggered_cut_is_caught() {
 fn fio_and_nbdcopy_as_the_guest_through_cycles() {
     let h = support::host();
     let vm = support::Qsd::start(&[("qcow2", "32M"), ("raw", "32M")]);
-    let spec = QemuVmSpec {
-        name: "web".into(),
-        qmp: vm.qmp.clone(),
-        nodes: Vec::new(),
-        nbd: Some(vm.nbd.clone()),
-        cpus: None,
-        memory_bytes: None,
-        firmware: None,
-    };
+    let spec = vm.spec("web");
     add_qemu_vm(&h.engine, &spec).unwrap();
     let opts = ReplicateOptions { threads: 2, ..Default::default() };
     support::run_replicate(&h.engine, "web", &opts).unwrap();

@@ -15,22 +15,13 @@ use std::time::{Duration, Instant};
 
 use tern_engine::gc::{gc, GcOptions};
 use tern_engine::{
-    add_qemu_vm, migrate, MigrateFormat, MigrateOptions, PointSelector, QemuVmSpec, ReplicateOptions,
-    VmSettings,
+    add_qemu_vm, migrate, MigrateFormat, MigrateOptions, PointSelector, ReplicateOptions, VmSettings,
 };
 
 const MIB: u64 = 1 << 20;
 
 fn add(h: &support::Host, vm: &support::Qsd) -> String {
-    let spec = QemuVmSpec {
-        name: "web".into(),
-        qmp: vm.qmp.clone(),
-        nodes: Vec::new(),
-        nbd: Some(vm.nbd.clone()),
-        cpus: None,
-        memory_bytes: None,
-        firmware: None,
-    };
+    let spec = vm.spec("web");
     add_qemu_vm(&h.engine, &spec).unwrap().id
 }
 

@@ -199,6 +199,19 @@ impl Qsd {
         self.child = Self::spawn(&self.args, &self.qmp, &self.nbd);
     }
 
+    /// `vm add NAME --qmp` of this daemon, naming its running NBD server.
+    pub fn spec(&self, name: &str) -> tern_engine::QemuVmSpec {
+        tern_engine::QemuVmSpec {
+            name: name.into(),
+            qmp: self.qmp.clone(),
+            nodes: Vec::new(),
+            nbd: Some(self.nbd.clone()),
+            cpus: None,
+            memory_bytes: None,
+            firmware: None,
+        }
+    }
+
     /// Write `len` bytes of random data (from `seed`) at `offset` of export `disk`.
     pub fn guest_random(&self, disk: &str, offset: u64, len: usize, seed: u64) {
         let file = self.dir.path().join(format!("random-{seed}"));
