@@ -123,17 +123,7 @@ impl AgentLock {
 
 /// Whether an agent runs for this data directory now.
 pub fn agent_running(engine: &Engine) -> Result<bool> {
-    let path = agent_lock_path(engine);
-    let file = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
-    };
-    match file.try_lock_shared() {
-        Ok(()) => Ok(false),
-        Err(TryLockError::WouldBlock) => Ok(true),
-        Err(TryLockError::Error(e)) => Err(Error::io(format!("locking {}", path.display()), e)),
-    }
+    crate::lock::lock_held(&agent_lock_path(engine))
 }
 
 /// The frequency VM settings ask for, or `default`.

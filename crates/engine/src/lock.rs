@@ -66,20 +66,22 @@ impl RunLock {
 /// Whether a replication of VM `vm_id` is running now (in any process on this host
 /// using this data directory).
 pub fn replication_running(engine: &Engine, vm_id: &str) -> Result<bool> {
-    let path = lock_path(engine, vm_id);
+    lock_held(&lock_path(engine, vm_id))
+}
+
+/// Whether a process holds the exclusive `flock` on the lock file at `path`.
+pub(crate) fn lock_held(path: &std::path::Path) -> Result<bool> {
     // Read-only is enough for flock, and works on a data directory this user cannot
     // write (status needs no more).
-    let file = match File::open(&path) {
+    let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
     };
-    // A shared lock is refused only while a replication holds the exclusive one.
+    // A shared lock is refused only while someone holds the exclusive one.
     match file.try_lock_shared() {
         Ok(()) => Ok(false),
         Err(TryLockError::WouldBlock) => Ok(true),
-        Err(TryLockError::Error(e)) => {
-            Err(Error::io(format!("locking {}", lock_path(engine, vm_id).display()), e))
-        }
+        Err(TryLockError::Error(e)) => Err(Error::io(format!("locking {}", path.display()), e)),
     }
 }

@@ -224,7 +224,7 @@ fn fio_and_nbdcopy_as_the_guest_through_cycles() {
                     "--iodepth=4",
                     "--size=32M",
                     "--time_based",
-                    "--runtime=3",
+                    "--runtime=5",
                     "--randrepeat=0",
                 ])
                 .output()
@@ -246,7 +246,7 @@ fn fio_and_nbdcopy_as_the_guest_through_cycles() {
         fio.join().unwrap();
         copy.join().unwrap();
     });
-    assert!(points.len() >= 3, "only {} cycles while fio ran", points.len());
+    assert!(points.len() >= 2, "only {} cycles while fio ran", points.len());
     let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
     let disks = migrate_raw(&h, &r.point_id, 500);
     let sha = |b: &[u8]| {
