@@ -238,7 +238,7 @@ struct VmStatus {
     store: String,
     #[serde(flatten)]
     replication: Option<ReplicationStatus>,
-    /// VMs in a running QEMU: their change tracking.
+    /// VMs replicated at least once: their change tracking.
     #[serde(skip_serializing_if = "Option::is_none")]
     tracking: Option<TrackingStatus>,
     /// VMs with replication enabled: how the agent replicates them.
@@ -263,17 +263,21 @@ struct ScheduleStatus {
     next_cycle_in_seconds: Option<u64>,
 }
 
-/// A QEMU VM's change tracking in `tern status`.
+/// A VM's change tracking in `tern status`.
 #[derive(Serialize)]
 struct TrackingStatus {
     /// `initial` (the first full pass is due or running), `delta` (cycles ship only
     /// changes), `resync` (tracking was lost: the next pass compares every chunk), or
     /// `error` (the last pass failed: see `last_error`).
     state: String,
+    /// The tracking source: `qemu` (QEMU's dirty bitmaps) or `scan` (image files,
+    /// compared with the last point every pass).
+    source: &'static str,
     /// The newest point tracking committed, and its age in seconds (the achieved RPO).
     last_point: Option<String>,
     last_point_age_seconds: Option<u64>,
-    /// The dirty bitmap recording changes since that point.
+    /// The tracking sequence (QEMU: the dirty bitmap recording changes since that
+    /// point; scan: the number of the last cut).
     bitmap_seq: u64,
     last_error: Option<String>,
 }
@@ -328,6 +332,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             },
             last_point_age_seconds: t.last_point.as_deref().and_then(point_age),
             last_point: t.last_point,
+            source: if vm.qemu.is_some() { "qemu" } else { "scan" },
             bitmap_seq: t.seq,
             last_error: t.last_error,
         });
@@ -417,7 +422,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             continue;
         };
         if let Some(t) = &v.tracking {
-            let mut line = format!("{}: {}, tracking {}", v.vm, v.state, t.state);
+            let mut line = format!("{}: {}, tracking {} ({})", v.vm, v.state, t.state, t.source);
             if let (Some(p), Some(age)) = (&t.last_point, t.last_point_age_seconds) {
                 line += &format!(", newest point {p} ({} ago)", fmt_duration(age as f64));
             }

@@ -1,27 +1,31 @@
-//! Replication of a VM in a running QEMU (docs/continuous.md): the first pass reads a
-//! frozen view of every disk whole (the initial replication); every later pass is a
-//! delta cycle that reads only what QEMU's dirty bitmaps say changed, stages it in
-//! change logs beside the data directory, releases the view, and commits the changes
-//! as segments of a version 2 manifest on the previous point's base.
+//! Replication passes, the same for every tracking source (crate::track): the first
+//! pass reads a frozen view of every disk whole (the initial replication); every later
+//! pass is a cycle that stages what changed since the previous cut into change logs in
+//! the VM's work folder, releases the cut, and commits the changes as segments of a
+//! version 2 manifest on the previous point's base (docs/continuous.md).
 //!
-//! The tracking state (`tracking` table) says which bitmap records the changes since
-//! the last committed point; [`Tracker::reconcile`] restores that after any failure
-//! or kill, and when it cannot (QEMU restarted without a clean close, a raw disk,
-//! someone removed the bitmap), the pass becomes a resync: a full read compared with
-//! the store by chunk digest, so only what differs is uploaded.
+//! What changed comes from the source: the extents QEMU's dirty bitmap recorded (the
+//! `qemu` source), a log the source wrote itself, or nothing, in which case the whole
+//! disk is compared with the previous point by chunk digest and only what differs is
+//! shipped (the `scan` source of image files, and the resync of a QEMU VM whose
+//! bitmaps were lost).
 //!
-//! Order of a delta cycle, each step durable before the next:
-//! 1. clean what a killed run left in QEMU; reconcile the bitmaps to `seq`;
-//! 2. the cut: one transaction adds bitmap `seq+1`, disables `seq`, freezes every disk;
-//! 3. stage: the dirty extents of each view into a sealed change log; release the cut;
+//! The tracking state (`tracking` table) says which tracking sequence holds the
+//! changes since the last committed point; [`TrackingSource::restore`] brings the
+//! source back to that after any failure or kill, and says when it cannot.
+//!
+//! Order of a cycle, each step durable before the next:
+//! 1. clean what a killed run left; restore tracking `seq`;
+//! 2. the cut: every disk frozen at one instant, tracking `seq+1` started, `seq` stopped;
+//! 3. stage: each disk's changes into a sealed change log; release the cut;
 //! 4. upload each log as segment pieces, then the manifest (the commit point);
-//! 5. record `seq+1` and the point in the state database; remove bitmap `seq`; delete
+//! 5. record `seq+1` and the point in the state database; drop tracking `seq`; delete
 //!    the logs.
 //!
-//! A failure in 2-4 takes the cut down and merges `seq+1` back into `seq` (nothing is
+//! A failure in 2-4 takes the cut down and folds `seq+1` back into `seq` (nothing is
 //! lost, the next cycle ships the union). A kill between 4 and 5 leaves the point
-//! committed and both bitmaps: reconcile merges them, and the next cycle ships a
-//! superset of the changes, which is still exact.
+//! committed and both: restore folds them, and the next cycle ships a superset of the
+//! changes, which is still exact.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -33,10 +37,12 @@ use tern_store::Store;
 
 use crate::changelog::{LogHeader, LogReader};
 use crate::manifest::{next_point_id, Manifest, ManifestDisk, PieceRef, SegmentRef};
-use crate::qemu::{NbdEndpoint, QemuDisk, Qmp, QmpError, Tracker};
-use crate::replicate::{full_pass, nbd_view_url, PointKind};
+use crate::qemu::source::{start_nbd, QemuSource};
+use crate::qemu::{Qmp, QmpError};
+use crate::replicate::{full_pass, PointKind};
 use crate::snapshot::SnapshotKind;
 use crate::throttle::Throttle;
+use crate::track::{Changes, Cut, ScanSource, Tracked, TrackingSource};
 use crate::{
     DiskReport, Engine, Error, ErrorKind, PointRow, ReplicateEvent, ReplicateOptions, ReplicateReport,
     ReplicationDiskRow, ReplicationRow, Result, TrackingRow, VmDef,
@@ -44,7 +50,8 @@ use crate::{
 
 /// How long a QMP command may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Dirty bitmap granularity: 64 KiB, qcow2's default cluster.
+/// Tracking granularity: 64 KiB, qcow2's default cluster (QEMU's bitmaps, and the
+/// unit a comparison ships).
 const GRANULARITY: u64 = 64 << 10;
 /// Default per-disk change log budget.
 pub const DEFAULT_LOG_BUDGET: u64 = 16 << 30;
@@ -57,107 +64,29 @@ pub(crate) fn qmp_err(e: QmpError) -> Error {
     Error::new(kind, e.to_string())
 }
 
-/// The work folder of a QEMU VM: fleecing overlays, change logs, the private NBD
-/// socket.
+/// The work folder of a VM: change logs; for a QEMU VM also fleecing overlays and the
+/// private NBD socket.
 pub(crate) fn workdir(engine: &Engine, vm: &VmDef) -> PathBuf {
     engine.data_dir().root().join("tracking").join(&vm.id)
 }
 
-/// An NBD server tern started in QEMU for one pass, stopped when dropped.
-struct OwnNbd<'a> {
-    qmp: &'a mut Qmp,
-    started: bool,
-}
-
-impl Drop for OwnNbd<'_> {
-    fn drop(&mut self) {
-        if self.started {
-            let _ = self.qmp.execute("nbd-server-stop", None);
-        }
-    }
-}
-
-/// Start an NBD server on `socket` in QEMU. `Ok(false)`: one is running already.
-pub(crate) fn start_nbd(qmp: &mut Qmp, socket: &Path) -> Result<bool> {
-    let _ = std::fs::remove_file(socket);
-    let args = json!({ "addr": { "type": "unix", "data": { "path": socket } } });
-    match qmp.execute("nbd-server-start", Some(args)) {
-        Ok(_) => Ok(true),
-        Err(e) if e.to_string().contains("already running") => Ok(false),
-        Err(e) => Err(qmp_err(e)),
-    }
-}
-
-/// The tracker of `vm` (a QEMU VM) with its disks' nodes as QEMU reports them now.
-fn tracker(qmp: &mut Qmp, vm: &VmDef, dir: &Path, nbd: PathBuf) -> Result<(Tracker, Vec<(String, u64)>)> {
-    let q = vm.qemu.as_ref().ok_or_else(|| Error::invalid(format!("VM {} is not in a QEMU", vm.name)))?;
-    let nodes = qmp.execute("query-named-block-nodes", Some(json!({ "flat": true }))).map_err(qmp_err)?;
-    let mut disks = Vec::new();
-    let mut formats = Vec::new();
-    for (i, node) in q.nodes.iter().enumerate() {
-        let n = nodes
-            .as_array()
-            .and_then(|a| a.iter().find(|n| n["node-name"] == node.as_str()))
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!(
-                        "disk {i} of VM {}: QEMU at {} has no block node {node:?} any more",
-                        vm.name,
-                        q.qmp.display()
-                    ),
-                )
-            })?;
-        let drv = n["drv"].as_str().unwrap_or("raw").to_string();
-        disks.push(QemuDisk { node: node.clone(), persistent_bitmaps: drv == "qcow2" });
-        formats.push((drv, n["image"]["virtual-size"].as_u64().unwrap_or(0)));
-    }
-    let t = Tracker {
-        vm: vm.id[..8].to_string(),
-        disks,
-        granularity: GRANULARITY,
-        workdir: dir.to_path_buf(),
-        nbd: NbdEndpoint { socket: nbd },
-        test_stagger: None,
-    };
-    Ok((t, formats))
-}
-
-/// Whether QEMU still holds the views of an unfinished initial replication: every
-/// disk's export and bitmap `seq`.
-fn views_alive(qmp: &mut Qmp, tracker: &Tracker, seq: u64) -> Result<bool> {
-    let exports = qmp.execute("query-block-exports", None).map_err(qmp_err)?;
-    let bitmap = crate::qemu::cut::bitmap_name(&tracker.vm, seq);
-    for (i, d) in tracker.disks.iter().enumerate() {
-        let id = format!("tern-export-{}-{i}", tracker.vm);
-        if !exports.as_array().is_some_and(|a| a.iter().any(|x| x["id"] == id.as_str())) {
-            return Ok(false);
-        }
-        if !crate::qemu::bitmaps(qmp, &d.node)
-            .map_err(qmp_err)?
-            .iter()
-            .any(|b| b.name == bitmap && !b.inconsistent)
-        {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
 /// What this pass does.
 enum Plan {
-    /// Read every disk whole and store it (no point yet): bitmap `seq` starts with
-    /// the cut.
+    /// Read every disk whole and store it: tracking `seq` starts with the cut.
     Full { seq: u64, why: Option<String> },
     /// Tracking was lost: read every disk whole and ship, as a delta on point `base`,
-    /// what differs from it; bitmap `seq` starts with the cut.
-    Resync { seq: u64, base: String, why: Option<String> },
-    /// Ship what bitmap `seq` recorded since point `base`.
+    /// what differs from it; tracking `seq` starts with the cut.
+    Resync { seq: u64, base: String, why: String },
+    /// The source keeps no tracking (scan): compare every disk with point `base` and
+    /// ship what differs.
+    Scan { seq: u64, base: String },
+    /// Ship what tracking `seq` recorded since point `base`.
     Delta { seq: u64, base: String },
 }
 
-/// One replication pass of a QEMU VM: the initial replication, a delta cycle or a
-/// resync, whichever the tracking state calls for.
+/// One replication pass of a VM: the initial replication, a cycle or a resync,
+/// whichever the tracking state calls for. A VM in a QEMU is tracked by QEMU's dirty
+/// bitmaps; a VM of image files is scanned.
 pub(crate) fn run(
     engine: &Engine,
     vm: &VmDef,
@@ -165,97 +94,32 @@ pub(crate) fn run(
     throttle: &Throttle,
     observer: &(dyn Fn(ReplicateEvent) + Sync),
 ) -> Result<ReplicateReport> {
-    let q = vm.qemu.clone().ok_or_else(|| Error::invalid(format!("VM {} is not in a QEMU", vm.name)))?;
     let url = engine.replication_store_url(vm)?;
     let store = engine.open_store_at(&url, true)?;
     let rt = engine.runtime()?;
     let (key, _cfg) = rt.block_on(engine.key_for_writing(&store))?;
     let db = engine.db();
     if vm.store_url.is_none() {
+        // The first replication fixes the VM's store: later commands about the VM use it.
         db.vm_set_store(&vm.id, &url)?;
     }
     let dir = workdir(engine, vm);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     // Garbage collection stays out while this pass reads and writes the store.
-    let _lease =
-        crate::lease::Lease::acquire(&store, rt.handle(), Some(&vm.id), &format!("cycle of VM {}", vm.name))?;
-    let mut qmp = Qmp::connect(&q.qmp, QMP_TIMEOUT).map_err(qmp_err)?;
-    let nbd_socket = q.nbd.clone().unwrap_or_else(|| dir.join("nbd.sock"));
-    let (mut tracker, formats) = tracker(&mut qmp, vm, &dir, nbd_socket.clone())?;
-    tracker.test_stagger = opts.test_stagger;
-    let tracking = db.tracking(&vm.id)?;
-    // An initial replication whose tern was killed resumes from the same frozen view
-    // while QEMU still holds it (its bitmap started at that view): only the chunks
-    // not recorded yet are read.
-    let resumable = match tracking.as_ref().filter(|t| t.state == "initial" && t.store_url == url) {
-        Some(t) => match db.running_replication(&vm.id, &url)? {
-            Some(r) if views_alive(&mut qmp, &tracker, t.seq)? => Some((t.seq, r)),
-            _ => None,
-        },
-        None => None,
-    };
-    if resumable.is_none() {
-        tracker.clean_leftovers(&mut qmp).map_err(qmp_err)?;
-    }
-    let started = match &q.nbd {
-        Some(_) => false,
+    let _lease = crate::lease::Lease::acquire(
+        &store,
+        rt.handle(),
+        Some(&vm.id),
+        &format!("replication of VM {}", vm.name),
+    )?;
+    let ctx =
+        Pass { engine, rt: &rt, vm, store: &store, key: &key, url: &url, dir, opts, throttle, observer };
+    let res = match &vm.qemu {
+        Some(_) => ctx.run(QemuSource::open(vm, &ctx.dir, GRANULARITY, opts.test_stagger)?),
         None => {
-            // A server tern started for a pass that was killed is still there,
-            // listening on tern's own socket: it is reused, and stopped at the end.
-            if !start_nbd(&mut qmp, &nbd_socket)?
-                && std::os::unix::net::UnixStream::connect(&nbd_socket).is_err()
-            {
-                return Err(Error::new(
-                    ErrorKind::Busy,
-                    format!(
-                        "QEMU at {} already runs an NBD server tern did not start: register the VM again \
-                         with `tern vm add ... --nbd SOCKET` naming that server's socket",
-                        q.qmp.display()
-                    ),
-                ));
-            }
-            true
+            let snapshots = engine.data_dir().snapshots_dir().join(&vm.id);
+            ctx.run(ScanSource::new(vm, snapshots, opts.force, GRANULARITY))
         }
-    };
-    if let Some((seq, repl)) = resumable {
-        let own = OwnNbd { qmp: &mut qmp, started };
-        let disks = db.replication_disks(&vm.id, &repl.point_id)?;
-        crate::replicate::forget_collected(engine, &rt, &store, &repl, &disks)?;
-        let res = full_pass(engine, &rt, vm, &store, &key, repl, disks, true, opts, throttle, observer);
-        let cleaned = tracker.clean_leftovers(own.qmp).map_err(qmp_err);
-        let report = res?;
-        db.set_tracking(&TrackingRow {
-            vm_id: vm.id.clone(),
-            store_url: url.clone(),
-            seq,
-            state: "delta".into(),
-            last_point: Some(report.point_id.clone()),
-            last_error: None,
-            updated: String::new(),
-        })?;
-        cleaned?;
-        return Ok(report);
-    }
-    let own = OwnNbd { qmp: &mut qmp, started };
-    let qmp = &mut *own.qmp;
-
-    let points = rt.block_on(store.list_points(&vm.id))?;
-    let plan = plan(qmp, &tracker, tracking.as_ref(), &url, &points)?;
-    let ctx = Pass { engine, rt: &rt, vm, store: &store, key: &key, url: &url, opts, throttle, observer };
-    let res = match plan {
-        Plan::Full { seq, why } => {
-            if let Some(why) = why {
-                observer(ReplicateEvent::Warning(why));
-            }
-            ctx.full(qmp, &tracker, &formats, seq, tracking.as_ref(), points.last().map(String::as_str))
-        }
-        Plan::Resync { seq, base, why } => {
-            if let Some(why) = why {
-                observer(ReplicateEvent::Warning(why));
-            }
-            ctx.resync(qmp, &tracker, seq, &base)
-        }
-        Plan::Delta { seq, base } => ctx.delta(qmp, &tracker, seq, &base),
     };
     if let Err(e) = &res {
         if let Ok(Some(mut t)) = db.tracking(&vm.id) {
@@ -266,9 +130,8 @@ pub(crate) fn run(
     res
 }
 
-fn plan(
-    qmp: &mut Qmp,
-    tracker: &Tracker,
+fn plan<S: TrackingSource>(
+    src: &mut S,
     tracking: Option<&TrackingRow>,
     url: &str,
     points: &[String],
@@ -286,24 +149,19 @@ fn plan(
             .map(|_| "the point tracking builds on is gone from the store: replicating in full".to_string());
         return Ok(Plan::Full { seq: t.seq + 1, why });
     };
+    let seq = t.seq + 1;
     match t.state.as_str() {
-        "initial" => return Ok(Plan::Full { seq: t.seq + 1, why: None }),
-        // "delta" and "backlog": the bitmap covers everything since the point.
-        "resync" => return Ok(Plan::Resync { seq: t.seq + 1, base, why: None }),
+        "initial" => return Ok(Plan::Full { seq, why: None }),
+        // A resync that did not finish: tracking was dropped for it.
+        "resync" => return Ok(Plan::Resync { seq, base, why: String::new() }),
+        // "delta" and "backlog": tracking covers everything since the point.
         _ => {}
     }
-    if !tracker.reconcile(qmp, t.seq).map_err(qmp_err)? {
-        return Ok(Plan::Resync {
-            seq: t.seq + 1,
-            base,
-            why: Some(
-                "QEMU's dirty bitmap is missing or inconsistent (QEMU restarted or was killed): \
-                 resyncing by comparing every chunk with the last point; only what differs is uploaded"
-                    .into(),
-            ),
-        });
-    }
-    Ok(Plan::Delta { seq: t.seq, base })
+    Ok(match src.restore(t.seq)? {
+        Tracked::Intact => Plan::Delta { seq: t.seq, base },
+        Tracked::Lost(why) => Plan::Resync { seq, base, why },
+        Tracked::Never => Plan::Scan { seq, base },
+    })
 }
 
 struct Pass<'a> {
@@ -313,6 +171,8 @@ struct Pass<'a> {
     store: &'a Store,
     key: &'a Key,
     url: &'a str,
+    /// The VM's work folder (change logs).
+    dir: PathBuf,
     opts: &'a ReplicateOptions,
     throttle: &'a Throttle,
     observer: &'a (dyn Fn(ReplicateEvent) + Sync),
@@ -337,13 +197,68 @@ impl Pass<'_> {
         })
     }
 
-    /// The initial replication or a resync: a fresh cut that starts bitmap `seq`, and
-    /// every disk read whole from it.
-    fn full(
+    fn run<S: TrackingSource>(&self, mut src: S) -> Result<ReplicateReport> {
+        let (db, vm) = (self.engine.db(), self.vm);
+        let tracking = db.tracking(&vm.id)?;
+        // An initial replication whose tern was killed resumes from the same frozen
+        // view while it is still there (tracking started at that view): only the
+        // chunks not recorded yet are read.
+        let mut resumable = None;
+        if let Some(t) = tracking.as_ref().filter(|t| t.state == "initial" && t.store_url == self.url) {
+            if let Some(r) = db.running_replication(&vm.id, self.url)? {
+                let disks = db.replication_disks(&vm.id, &r.point_id)?;
+                if let Some(cut) = src.resume(t.seq, &disks)? {
+                    resumable = Some((t.seq, r, disks, cut));
+                }
+            }
+        }
+        if let Some((seq, repl, disks, mut cut)) = resumable {
+            crate::replicate::forget_collected(self.engine, self.rt, self.store, &repl, &disks)?;
+            let res = full_pass(
+                self.engine,
+                self.rt,
+                vm,
+                self.store,
+                self.key,
+                repl,
+                disks,
+                true,
+                self.opts,
+                self.throttle,
+                self.observer,
+            );
+            let released = src.release(&mut cut);
+            let report = res?;
+            self.set_tracking(seq, "delta", Some(report.point_id.clone()))?;
+            released?;
+            return Ok(report);
+        }
+        src.clean_leftovers()?;
+        let points = self.rt.block_on(self.store.list_points(&vm.id))?;
+        let warn = |why: &str| {
+            if !why.is_empty() {
+                (self.observer)(ReplicateEvent::Warning(why.to_string()));
+            }
+        };
+        match plan(&mut src, tracking.as_ref(), self.url, &points)? {
+            Plan::Full { seq, why } => {
+                warn(why.as_deref().unwrap_or_default());
+                self.full(&mut src, seq, tracking.as_ref(), points.last().map(String::as_str))
+            }
+            Plan::Resync { seq, base, why } => {
+                warn(&why);
+                self.cycle(&mut src, seq, None, &base, PointKind::Resync)
+            }
+            Plan::Scan { seq, base } => self.cycle(&mut src, seq, None, &base, PointKind::Delta),
+            Plan::Delta { seq, base } => self.cycle(&mut src, seq + 1, Some(seq), &base, PointKind::Delta),
+        }
+    }
+
+    /// The initial replication: a fresh cut that starts tracking `seq`, and every disk
+    /// read whole from it.
+    fn full<S: TrackingSource>(
         &self,
-        qmp: &mut Qmp,
-        tracker: &Tracker,
-        formats: &[(String, u64)],
+        src: &mut S,
         seq: u64,
         before: Option<&TrackingRow>,
         newest: Option<&str>,
@@ -351,31 +266,41 @@ impl Pass<'_> {
         let (db, vm) = (self.engine.db(), self.vm);
         // An unfinished full pass of a killed run read a view that is gone.
         if let Some(r) = db.running_replication(&vm.id, self.url)? {
+            (self.observer)(ReplicateEvent::Warning(format!(
+                "the snapshot of unfinished point {} is gone; starting a new replication",
+                r.point_id
+            )));
+            // Its other snapshots would otherwise stay, diverging from the images.
+            let disks = db.replication_disks(&vm.id, &r.point_id)?;
+            crate::replicate::release_snapshots(self.engine, vm, &disks);
             db.finish_abandoned(&vm.id, &r.point_id)?;
         }
-        tracker.remove_all_bitmaps(qmp).map_err(qmp_err)?;
+        src.drop_tracking()?;
         // Recorded before the cut: a kill from here on leaves a state that says a full
-        // pass is due, never "delta" with a bitmap that started too late.
+        // pass is due, never "delta" with tracking that started too late.
         let last = before.and_then(|t| t.last_point.clone());
         self.set_tracking(seq, "initial", last)?;
-        let mut cut = tracker.cut(qmp, seq, true).map_err(qmp_err)?;
+        let mut cut = src.cut(seq, true)?;
+        for w in cut.disks().iter().filter_map(|d| d.warning.as_ref()) {
+            (self.observer)(ReplicateEvent::Warning(w.clone()));
+        }
         let res = (|| {
-            let instant = instant_of(cut.instant);
+            let instant = instant_of(cut.instant());
             let point_id = next_point_id(instant, newest)?;
             let cfg = self.rt.block_on(self.store.read_config())?.ok_or_else(|| {
                 Error::new(ErrorKind::Store, format!("store {} has no config", self.store.url()))
             })?;
             let disks: Vec<ReplicationDiskRow> = cut
-                .disks
+                .disks()
                 .iter()
                 .enumerate()
-                .map(|(i, f)| ReplicationDiskRow {
+                .map(|(i, d)| ReplicationDiskRow {
                     disk: i as u32,
                     source_path: vm.disks[i].path.clone(),
-                    read_path: PathBuf::from(nbd_view_url(&cut.nbd.socket, &f.export_name)),
-                    snapshot_kind: SnapshotKind::QemuView.name().into(),
-                    source_format: if formats[i].0 == "qcow2" { "qcow2" } else { "raw" }.into(),
-                    virtual_size: f.size,
+                    read_path: d.read_path.clone(),
+                    snapshot_kind: d.snapshot.name().into(),
+                    source_format: d.format.clone(),
+                    virtual_size: d.size,
                     bytes_done: 0,
                     bytes_uploaded: 0,
                     state: "pending".into(),
@@ -409,7 +334,11 @@ impl Pass<'_> {
                 self.observer,
             )
         })();
-        let released = cut.release(qmp).map_err(qmp_err);
+        if res.is_err() && src.keeps_failed_cut() {
+            // Tracking stays "initial": the next pass resumes from this cut.
+            return res;
+        }
+        let released = src.release(&mut cut);
         let report = res?;
         self.set_tracking(seq, "delta", Some(report.point_id.clone()))?;
         released?;
@@ -422,55 +351,111 @@ impl Pass<'_> {
         Manifest::open(self.key, &env, &self.vm.id, point).map_err(|e| e.context(format!("point {point}")))
     }
 
-    /// A delta cycle on point `base`: bitmap `seq` holds what changed since.
-    fn delta(&self, qmp: &mut Qmp, tracker: &Tracker, seq: u64, base: &str) -> Result<ReplicateReport> {
+    /// A cycle on point `base`: cut `seq` starts tracking `seq`. With `prev`, tracking
+    /// `prev` stops at the cut and says what changed since `base`; without, tracking
+    /// starts afresh (a resync, or a scan), and every disk is read whole and compared
+    /// with `base` chunk by chunk (a chunk the base's segments do not touch by its
+    /// address, without fetching it; one they touch by content, at the tracking
+    /// granularity). What differs is committed as a delta point of kind `kind`.
+    fn cycle<S: TrackingSource>(
+        &self,
+        src: &mut S,
+        seq: u64,
+        prev: Option<u64>,
+        base: &str,
+        kind: PointKind,
+    ) -> Result<ReplicateReport> {
         let vm = self.vm;
         let base_m = self.manifest(base)?;
-        if base_m.disks.len() != tracker.disks.len() {
+        if base_m.disks.len() != vm.disks.len() {
             return Err(Error::invalid(format!(
                 "point {base} has {} disks, the VM {}: register the VM again",
                 base_m.disks.len(),
-                tracker.disks.len()
+                vm.disks.len()
             )));
         }
         let budget = self.engine.db().settings(&vm.id)?.log_budget.unwrap_or(DEFAULT_LOG_BUDGET);
-        let mut cut = tracker.cut(qmp, seq + 1, false).map_err(qmp_err)?;
-        let instant = instant_of(cut.instant);
-        let logs_dir = tracker.workdir.join("logs");
+        if prev.is_none() && kind == PointKind::Resync {
+            // Tracking is dropped for the resync: a failure from here on resyncs again.
+            src.drop_tracking()?;
+            self.set_tracking(seq, "resync", Some(base.to_string()))?;
+        }
+        let mut cut = src.cut(seq, prev.is_none())?;
+        for w in cut.disks().iter().filter_map(|d| d.warning.as_ref()) {
+            (self.observer)(ReplicateEvent::Warning(w.clone()));
+        }
+        let instant = instant_of(cut.instant());
+        let logs_dir = self.dir.join("logs");
+        let mut reads = Vec::new();
         let staged = (|| {
             let point_id = next_point_id(instant, Some(base))?;
             let mut logs = Vec::new();
-            for (i, f) in cut.disks.iter().enumerate() {
-                if f.size != base_m.disks[i].virtual_size {
+            for (i, cd) in cut.disks().iter().enumerate() {
+                let bd = &base_m.disks[i];
+                if cd.size != bd.virtual_size {
                     return Err(Error::invalid(format!(
-                        "disk {i} changed size from {} to {} bytes: a resync is needed",
-                        base_m.disks[i].virtual_size, f.size
+                        "disk {i} changed size from {} to {} bytes: remove the VM and add it again",
+                        bd.virtual_size, cd.size
                     )));
                 }
-                let header = log_header(&vm.id, i, seq + 1, instant, f.size, tracker.granularity);
+                let header = log_header(&vm.id, i, seq, instant, cd.size, src.granularity());
                 let dir = logs_dir.join(format!("disk-{i}"));
-                let log =
-                    crate::qemu::stage::stage_disk(&cut.nbd.socket, f, &dir, header, budget, QMP_TIMEOUT)
+                crate::replicate::check_cancel(self.opts)?;
+                let (log, read) = match src.changes(&cut, i, &dir, header)? {
+                    Changes::Logged(log) => (log, 0),
+                    Changes::Extents(extents) => {
+                        let view = cd.open().map_err(|e| e.context(format!("disk {i}: opening the view")))?;
+                        let log = crate::track::stage_extents(&*view, &extents, &dir, header, budget)
+                            .map_err(|e| e.context(format!("disk {i}")))?;
+                        let read = log.data_bytes;
+                        (log, read)
+                    }
+                    Changes::Unknown => {
+                        let view = cd.open().map_err(|e| e.context(format!("disk {i}: opening the view")))?;
+                        let prev = self.rt.block_on(crate::point::PointReader::open(
+                            self.key,
+                            self.store,
+                            self.rt.handle().clone(),
+                            &vm.id,
+                            base,
+                            bd,
+                        ))?;
+                        (self.observer)(ReplicateEvent::DiskStart {
+                            disk: i as u32,
+                            total: cd.size,
+                            done: 0,
+                        });
+                        let mut read = 0u64;
+                        let log = compare_into_log(self.key, &*view, &prev, &dir, header, &mut read, &|n| {
+                            (self.observer)(ReplicateEvent::Chunk { disk: i as u32, guest_bytes: n })
+                        })
                         .map_err(|e| e.context(format!("disk {i}")))?;
+                        (log, read)
+                    }
+                };
                 logs.push(log);
+                reads.push(read);
             }
             Ok((point_id, logs))
         })();
         // The view is needed no longer: the copy-before-write window ends here.
-        let released = cut.release(qmp).map_err(qmp_err);
+        let released = src.release(&mut cut);
         let staging_failed = staged.is_err();
+        let snapshots: Vec<SnapshotKind> = cut.disks().iter().map(|d| d.snapshot).collect();
         let committed = staged.and_then(|(point_id, logs)| {
             released?;
-            self.commit_delta(&base_m, base, &point_id, instant, &logs)
+            self.commit_delta(&base_m, base, &point_id, instant, &logs, &snapshots)
         });
-        let report = match committed {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&logs_dir);
-                // Keep every change for the next cycle.
-                return match tracker.reconcile(qmp, seq) {
-                    Ok(true) if staging_failed && e.kind() == ErrorKind::Busy => {
-                        let _ = self.set_tracking(seq, "backlog", Some(base.to_string()));
+        let _ = std::fs::remove_dir_all(&logs_dir);
+        let mut report = match (committed, prev) {
+            (Ok(r), _) => r,
+            // A resync or scan: nothing was tracked that could be lost.
+            (Err(e), None) => return Err(e),
+            // Keep every change for the next cycle.
+            (Err(e), Some(prev)) => {
+                return match src.restore(prev) {
+                    Ok(Tracked::Intact) if staging_failed && e.kind() == ErrorKind::Busy => {
+                        let _ = self.set_tracking(prev, "backlog", Some(base.to_string()));
                         Err(Error::new(
                             ErrorKind::Busy,
                             format!(
@@ -480,102 +465,26 @@ impl Pass<'_> {
                             ),
                         ))
                     }
-                    Ok(true) => Err(e),
-                    Ok(false) => {
-                        let _ = self.set_tracking(seq, "resync", Some(base.to_string()));
-                        Err(e.context("and the bitmaps could not be merged back (a resync follows)"))
+                    Ok(Tracked::Intact) => Err(e),
+                    Ok(_) => {
+                        let _ = self.set_tracking(prev, "resync", Some(base.to_string()));
+                        Err(e.context("and the changes tracked could not be kept (a resync follows)"))
                     }
-                    Err(qe) => Err(e.context(format!("and merging the bitmaps back failed ({qe})"))),
+                    Err(re) => Err(e.context(format!("and keeping the changes tracked failed ({re})"))),
                 };
             }
         };
-        self.set_tracking(seq + 1, "delta", Some(report.point_id.clone()))?;
-        let frozen = crate::qemu::cut::bitmap_name(&tracker.vm, seq);
-        for d in &tracker.disks {
-            // A failure here leaves a bitmap reconcile removes next time.
-            if let Err(e) = crate::qemu::cut::remove_bitmap(qmp, &d.node, &frozen) {
-                (self.observer)(ReplicateEvent::Warning(format!(
-                    "removing bitmap {frozen} from {}: {e}",
-                    d.node
-                )));
-            }
-        }
-        let _ = std::fs::remove_dir_all(&logs_dir);
-        Ok(report)
-    }
-
-    /// A resync on point `base`: a fresh cut starts bitmap `seq`; every disk of it is
-    /// read whole and compared with `base` chunk by chunk (a chunk the base's segments
-    /// do not touch by its address, without fetching it; one they touch by content, at
-    /// the bitmap's granularity), and what differs is committed as a delta point.
-    fn resync(&self, qmp: &mut Qmp, tracker: &Tracker, seq: u64, base: &str) -> Result<ReplicateReport> {
-        let vm = self.vm;
-        let base_m = self.manifest(base)?;
-        tracker.remove_all_bitmaps(qmp).map_err(qmp_err)?;
-        self.set_tracking(seq, "resync", Some(base.to_string()))?;
-        let mut cut = tracker.cut(qmp, seq, true).map_err(qmp_err)?;
-        let instant = instant_of(cut.instant);
-        let logs_dir = tracker.workdir.join("logs");
-        let mut reads = Vec::new();
-        let staged = (|| {
-            if base_m.disks.len() != cut.disks.len() {
-                return Err(Error::invalid(format!(
-                    "point {base} has {} disks, the VM {}: register the VM again",
-                    base_m.disks.len(),
-                    cut.disks.len()
-                )));
-            }
-            let point_id = next_point_id(instant, Some(base))?;
-            let mut logs = Vec::new();
-            for (i, f) in cut.disks.iter().enumerate() {
-                let bd = &base_m.disks[i];
-                if f.size != bd.virtual_size {
-                    return Err(Error::invalid(format!(
-                        "disk {i} changed size from {} to {} bytes: remove the VM and add it again",
-                        bd.virtual_size, f.size
-                    )));
-                }
-                let header = log_header(&vm.id, i, seq, instant, f.size, tracker.granularity);
-                let view = tern_disk::nbd::NbdDisk::open_unix(&cut.nbd.socket, &f.export_name, QMP_TIMEOUT)
-                    .map_err(|e| Error::from(e).context(format!("disk {i}: opening the view")))?;
-                let prev = self.rt.block_on(crate::point::PointReader::open(
-                    self.key,
-                    self.store,
-                    self.rt.handle().clone(),
-                    &vm.id,
-                    base,
-                    bd,
-                ))?;
-                (self.observer)(ReplicateEvent::DiskStart { disk: i as u32, total: f.size, done: 0 });
-                crate::replicate::check_cancel(self.opts)?;
-                let mut read = 0u64;
-                let log = compare_into_log(
-                    self.key,
-                    &view,
-                    &prev,
-                    &logs_dir.join(format!("disk-{i}")),
-                    header,
-                    &mut read,
-                    &|n| (self.observer)(ReplicateEvent::Chunk { disk: i as u32, guest_bytes: n }),
-                )
-                .map_err(|e| e.context(format!("disk {i}")))?;
-                logs.push(log);
-                reads.push(read);
-            }
-            Ok((point_id, logs))
-        })();
-        let released = cut.release(qmp).map_err(qmp_err);
-        let committed = staged.and_then(|(point_id, logs)| {
-            released?;
-            self.commit_delta(&base_m, base, &point_id, instant, &logs)
-        });
-        let _ = std::fs::remove_dir_all(&logs_dir);
-        let mut report = committed?;
         for (d, read) in report.disks.iter_mut().zip(&reads) {
             d.read_bytes = *read;
         }
+        report.kind = kind;
         self.set_tracking(seq, "delta", Some(report.point_id.clone()))?;
-        report.kind = PointKind::Resync;
+        if let Some(prev) = prev {
+            // A failure here leaves tracking that restore() drops next time.
+            if let Err(e) = src.committed(prev) {
+                (self.observer)(ReplicateEvent::Warning(e.to_string()));
+            }
+        }
         Ok(report)
     }
 
@@ -706,6 +615,7 @@ impl Pass<'_> {
         point_id: &str,
         instant: time::OffsetDateTime,
         logs: &[crate::changelog::SealedLog],
+        snapshots: &[SnapshotKind],
     ) -> Result<ReplicateReport> {
         let (vm, key, store) = (self.vm, self.key, self.store);
         (self.observer)(ReplicateEvent::Point { point_id: point_id.to_string(), resumed: false });
@@ -727,7 +637,7 @@ impl Pass<'_> {
                 read_bytes: log.data_bytes,
                 uploaded_bytes: stored,
                 changed_bytes: log.changed_bytes,
-                snapshot: SnapshotKind::QemuView,
+                snapshot: snapshots.get(i).copied().unwrap_or_default(),
                 compacted,
                 ..Default::default()
             });

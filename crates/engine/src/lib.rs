@@ -40,6 +40,7 @@ pub mod sample;
 pub mod segment;
 pub mod snapshot;
 pub mod throttle;
+pub mod track;
 mod verify;
 mod vm;
 mod vmdef;

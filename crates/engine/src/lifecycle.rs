@@ -104,12 +104,13 @@ pub fn complete(engine: &Engine, name: &str) -> Result<Vec<String>> {
         for (node, bitmap) in t.remove_all_bitmaps(&mut qmp).map_err(qmp_err)? {
             removed.push(format!("dirty bitmap {bitmap} on node {node}"));
         }
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))?;
-            removed.push(format!("work folder {} (change logs, fleecing overlays)", dir.display()));
-        }
-        db.remove_tracking(&vm.id)?;
     }
+    let dir = workdir(engine, &vm);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))?;
+        removed.push(format!("work folder {} (change logs, fleecing overlays)", dir.display()));
+    }
+    db.remove_tracking(&vm.id)?;
     for r in db.running_replications(&vm.id)? {
         let disks = db.replication_disks(&vm.id, &r.point_id)?;
         for d in disks.iter().filter(|d| d.snapshot_kind == crate::snapshot::SnapshotKind::Reflink.name()) {
@@ -117,7 +118,7 @@ pub fn complete(engine: &Engine, name: &str) -> Result<Vec<String>> {
                 removed.push(format!("snapshot {}", d.read_path.display()));
             }
         }
-        crate::replicate::release_snapshots(engine, &vm, &r.point_id, &disks);
+        crate::replicate::release_snapshots(engine, &vm, &disks);
         db.finish_abandoned(&vm.id, &r.point_id)?;
         removed.push(format!("unfinished replication of point {}", r.point_id));
     }

@@ -29,11 +29,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tern_chunk::{chunk_address, seal, BaseIndex, ChunkAddress, IndexEntry, Key, ObjectKind};
-use tern_disk::{Disk, MapKind, OpenOptions};
+use tern_disk::{Disk, MapKind};
 use tern_store::{Store, StoreStats};
 
-use crate::manifest::{index_digest, new_point_id, Manifest, ManifestDisk, ManifestVm};
-use crate::snapshot::{self, SnapshotKind};
+use crate::manifest::{index_digest, Manifest, ManifestDisk, ManifestVm};
+use crate::snapshot::SnapshotKind;
 use crate::throttle::Throttle;
 use crate::RunLock;
 use crate::{
@@ -202,51 +202,7 @@ pub fn replicate(
     check_threads(opts.threads)?;
     let vm = engine.vm(name)?;
     let _running = RunLock::acquire(engine, &vm.id, &vm.name)?;
-    if vm.qemu.is_some() {
-        return crate::cycle::run(engine, &vm, opts, throttle, observer);
-    }
-    let url = &engine.replication_store_url(&vm)?;
-    let store = engine.open_store_at(url, true)?;
-    let rt = engine.runtime()?;
-    let (key, cfg) = rt.block_on(engine.key_for_writing(&store))?;
-    let db = engine.db();
-    if vm.store_url.is_none() {
-        // The first replication fixes the VM's store: later commands about the VM use it.
-        db.vm_set_store(&vm.id, url)?;
-    }
-
-    let mut resumed = false;
-    let mut repl = None;
-    if let Some(r) = db.running_replication(&vm.id, url)? {
-        let disks = db.replication_disks(&vm.id, &r.point_id)?;
-        let intact = disks.len() == vm.disks.len() && disks.iter().all(|d| d.read_path.exists());
-        if intact {
-            resumed = true;
-            repl = Some((r, disks));
-        } else {
-            observer(ReplicateEvent::Warning(format!(
-                "the snapshot of unfinished point {} is gone; starting a new replication",
-                r.point_id
-            )));
-            // Its other snapshots would otherwise stay, diverging from the images.
-            release_snapshots(engine, &vm, &r.point_id, &disks);
-            db.finish_abandoned(&vm.id, &r.point_id)?;
-        }
-    }
-    let _lease = crate::lease::Lease::acquire(
-        &store,
-        rt.handle(),
-        Some(&vm.id),
-        &format!("replication of VM {}", vm.name),
-    )?;
-    let (repl, disks) = match repl {
-        Some(x) => x,
-        None => start(engine, &vm, url, &cfg, opts, observer)?,
-    };
-    if resumed {
-        forget_collected(engine, &rt, &store, &repl, &disks)?;
-    }
-    full_pass(engine, &rt, &vm, &store, &key, repl, disks, resumed, opts, throttle, observer)
+    crate::cycle::run(engine, &vm, opts, throttle, observer)
 }
 
 /// A resumed replication's recorded chunks are referenced by no manifest yet: a
@@ -387,7 +343,7 @@ pub(crate) fn full_pass(
         instant: repl.instant.clone(),
         manifest: json,
     })?;
-    release_snapshots(engine, vm, &repl.point_id, &disks);
+    release_snapshots(engine, vm, &disks);
     Ok(ReplicateReport {
         vm: vm.name.clone(),
         point_id: repl.point_id,
@@ -408,7 +364,7 @@ pub fn remove_vm(engine: &Engine, name: &str) -> Result<VmDef> {
     let _running = RunLock::acquire(engine, &vm.id, &vm.name)?;
     for r in engine.db().running_replications(&vm.id)? {
         let disks = engine.db().replication_disks(&vm.id, &r.point_id)?;
-        release_snapshots(engine, &vm, &r.point_id, &disks);
+        release_snapshots(engine, &vm, &disks);
     }
     engine.db().vm_remove(&vm.name)
 }
@@ -425,7 +381,7 @@ pub fn set_vm_store(engine: &Engine, name: &str, url: &str) -> Result<(VmDef, St
     let _running = RunLock::acquire(engine, &vm.id, &vm.name)?;
     for r in engine.db().running_replications(&vm.id)?.into_iter().filter(|r| r.store_url != url) {
         let disks = engine.db().replication_disks(&vm.id, &r.point_id)?;
-        release_snapshots(engine, &vm, &r.point_id, &disks);
+        release_snapshots(engine, &vm, &disks);
         engine.db().finish_abandoned(&vm.id, &r.point_id)?;
     }
     engine.db().vm_set_store(&vm.id, &url)?;
@@ -433,23 +389,16 @@ pub fn set_vm_store(engine: &Engine, name: &str, url: &str) -> Result<(VmDef, St
     Ok((VmDef { store_url: Some(url), ..vm }, old))
 }
 
-fn snapshot_dir(engine: &Engine, vm: &VmDef, point: &str) -> std::path::PathBuf {
-    engine.data_dir().snapshots_dir().join(&vm.id).join(point)
-}
-
-pub(crate) fn release_snapshots(engine: &Engine, vm: &VmDef, point: &str, disks: &[ReplicationDiskRow]) {
+/// Remove the reflink snapshots a replication read (its disks `disks`), their folders
+/// and the VM's snapshot folder when they are empty.
+pub(crate) fn release_snapshots(engine: &Engine, vm: &VmDef, disks: &[ReplicationDiskRow]) {
     for d in disks.iter().filter(|d| d.snapshot_kind == SnapshotKind::Reflink.name()) {
         let _ = std::fs::remove_file(&d.read_path);
+        if let Some(parent) = d.read_path.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
-    let _ = std::fs::remove_dir(snapshot_dir(engine, vm, point));
     let _ = std::fs::remove_dir(engine.data_dir().snapshots_dir().join(&vm.id));
-}
-
-/// Open a VM's disk as `format`, or detected when `None`. The VM's own disk: a backing
-/// file it names is part of its content.
-fn open_source(path: &Path, format: Option<tern_disk::Format>) -> Result<Box<dyn Disk>> {
-    let o = OpenOptions { allow_backing: true, format, ..OpenOptions::read_only() };
-    Ok(tern_disk::open_disk(path, &o)?)
 }
 
 /// The URL of a QEMU view read over NBD, as `replication_disks.read_path` holds it.
@@ -460,87 +409,11 @@ pub(crate) fn nbd_view_url(socket: &Path, export: &str) -> String {
 /// Open what disk `d` of a replication reads: its snapshot, the image in place, or a
 /// QEMU view over NBD.
 fn open_view(d: &ReplicationDiskRow) -> Result<Box<dyn Disk>> {
-    if d.snapshot_kind == SnapshotKind::QemuView.name() {
-        let url = d.read_path.to_string_lossy();
-        let (export, socket) = url
-            .strip_prefix("nbd+unix:///")
-            .and_then(|r| r.split_once("?socket="))
-            .ok_or_else(|| Error::corrupt(format!("state database: QEMU view {url:?} is not an NBD URL")))?;
-        let disk = tern_disk::nbd::NbdDisk::open_unix(Path::new(socket), export, Duration::from_secs(30))
-            .map_err(|e| Error::from(e).context("opening the QEMU view (is the VM's cut still there?)"))?;
-        return Ok(Box::new(disk));
-    }
-    // The format detected when the replication started: a snapshot's name says none.
-    let format = crate::vm::parse_format(&d.source_format).map_err(|_| {
-        Error::corrupt(format!("state database: disk {} has unknown format {:?}", d.disk, d.source_format))
+    let kind = SnapshotKind::from_name(&d.snapshot_kind).ok_or_else(|| {
+        Error::corrupt(format!("state database: disk {} has unknown view kind {:?}", d.disk, d.snapshot_kind))
     })?;
-    open_source(&d.read_path, Some(format))
-}
-
-fn start(
-    engine: &Engine,
-    vm: &VmDef,
-    store_url: &str,
-    cfg: &tern_store::StoreConfig,
-    opts: &ReplicateOptions,
-    observer: &(dyn Fn(ReplicateEvent) + Sync),
-) -> Result<(ReplicationRow, Vec<ReplicationDiskRow>)> {
-    let instant = time::OffsetDateTime::now_utc();
-    let point_id = new_point_id(instant)?;
-    let dir = snapshot_dir(engine, vm, &point_id);
-    let mut disks = Vec::new();
-    for (i, vd) in vm.disks.iter().enumerate() {
-        let src = &vd.path;
-        let disk =
-            open_source(src, vd.format).map_err(|e| e.context(format!("disk {i} of VM {}", vm.name)))?;
-        let info = disk.info()?;
-        // A relative backing file name would not resolve from the snapshot folder, so
-        // images with a backing file are read in place.
-        let snap = if info.backing.is_some() {
-            let w = snapshot::writers_of(src)?;
-            if !w.is_empty() && !opts.force {
-                return Err(Error::new(
-                    ErrorKind::Busy,
-                    format!(
-                        "{} has a backing file and is open for writing: stop the VM or pass --force",
-                        src.display()
-                    ),
-                ));
-            }
-            snapshot::Snapshot { path: src.clone(), kind: SnapshotKind::InPlace, warning: None }
-        } else {
-            snapshot::take(src, &dir, &format!("disk-{i}"), opts.force)?
-        };
-        if let Some(w) = &snap.warning {
-            observer(ReplicateEvent::Warning(w.clone()));
-        }
-        disks.push(ReplicationDiskRow {
-            disk: i as u32,
-            source_path: src.clone(),
-            read_path: snap.path,
-            snapshot_kind: snap.kind.name().into(),
-            source_format: info.format.name().into(),
-            virtual_size: disk.virtual_size(),
-            bytes_done: 0,
-            bytes_uploaded: 0,
-            state: "pending".into(),
-        });
-    }
-    let row = ReplicationRow {
-        vm_id: vm.id.clone(),
-        point_id,
-        store_url: store_url.to_string(),
-        state: "running".into(),
-        instant: crate::rfc3339(instant),
-        chunk_size: cfg.chunk_size,
-        run_started: None,
-        run_base_bytes: 0,
-        finished: None,
-        recent_rate: None,
-        run_live_bytes: 0,
-    };
-    engine.db().start_replication(&row, &disks)?;
-    Ok((row, disks))
+    crate::track::open_view(&d.read_path, kind, &d.source_format)
+        .map_err(|e| e.context(format!("disk {}", d.disk)))
 }
 
 struct Ctx<'a> {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tern_engine::{Engine, EngineOptions, Firmware, ReplicateOptions, VmDef};
 
 /// An S3 endpoint on loopback that keeps only the store's config.json (served back on
-/// reads), finds nothing else (404), and fails every chunk upload with 503. Counts the
+/// reads), lists nothing, finds nothing else (404), and fails every chunk upload with 503. Counts the
 /// chunk uploads. Serves for at most a minute.
 fn failing_s3() -> (u16, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -54,6 +54,11 @@ fn failing_s3() -> (u16, Arc<AtomicUsize>) {
                     config = Some(body);
                 }
                 ("200 OK", Vec::new())
+            } else if line.starts_with("GET") && line.contains("list-type=2") {
+                let empty = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult><Name>tern</Name>\
+                             <KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>\
+                             </ListBucketResult>";
+                ("200 OK", empty.as_bytes().to_vec())
             } else if line.contains("config.json") && config.is_some() {
                 let c = config.clone().unwrap_or_default();
                 ("200 OK", if line.starts_with("HEAD") { Vec::new() } else { c })

@@ -168,7 +168,9 @@ fn an_index_copied_over_another_disks_or_points_is_refused() {
         let f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
         f.write_all_at(&[0x5a; 4096], 1 << 20).unwrap();
     }
-    run_replicate(&h.engine, "web", &ReplicateOptions::default()).unwrap();
+    // Compacted, so that the second point has base indexes of its own.
+    run_replicate(&h.engine, "web", &ReplicateOptions { compact_after_segments: 1, ..Default::default() })
+        .unwrap();
     let vm = vm_id(&h, "web");
     let ids = points(&h, &vm);
     let [first, second] = ids.as_slice() else { panic!("two points expected: {ids:?}") };

@@ -3,6 +3,7 @@
 
 pub mod cut;
 pub mod qmp;
+pub mod source;
 pub mod stage;
 
 pub use cut::{bitmaps, BitmapInfo, FrozenCut, FrozenDisk, NbdEndpoint, QemuDisk, Tracker};

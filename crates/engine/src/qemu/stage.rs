@@ -2,17 +2,42 @@
 //! into that disk's change log and sealed, so the view can be released at once (its
 //! copy-before-write window lasts as long as this local copy, not an upload).
 
+use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
-use tern_disk::nbd::{NbdClient, STATE_DIRTY};
+use tern_disk::nbd::{NbdClient, NbdDisk, STATE_DIRTY};
 
 use super::cut::FrozenDisk;
-use crate::changelog::{LogHeader, LogWriter, SealedLog};
+use crate::changelog::{LogHeader, SealedLog};
 use crate::error::{Error, ErrorKind, Result};
 
-/// Largest piece read and logged at once (memory per disk while staging).
-const PIECE: u64 = 4 << 20;
+/// The extents `bitmap` marks dirty on `disk`'s view, from NBD block status
+/// (`qemu:dirty-bitmap:NAME`), merged where they touch.
+pub fn dirty_extents(
+    nbd_socket: &Path,
+    disk: &FrozenDisk,
+    bitmap: &str,
+    timeout: Duration,
+) -> Result<Vec<Range<u64>>> {
+    let ctx = format!("qemu:dirty-bitmap:{bitmap}");
+    let mut client = NbdClient::connect_unix(nbd_socket, &disk.export_name, &[&ctx], timeout)
+        .map_err(|e| nbd_error(disk, e))?;
+    let extents = client.extents(&ctx, 0, client.size()).map_err(|e| nbd_error(disk, e))?;
+    client.disconnect();
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for e in extents.iter().filter(|e| e.flags & STATE_DIRTY != 0) {
+        match out.last_mut() {
+            Some(last) if last.end == e.offset => last.end += e.length,
+            _ => out.push(e.offset..e.offset + e.length),
+        }
+    }
+    Ok(out)
+}
+
+fn nbd_error(disk: &FrozenDisk, e: tern_disk::Error) -> Error {
+    Error::new(ErrorKind::Io, format!("disk {}: reading the cut: {e}", disk.node))
+}
 
 /// Copy the extents `disk`'s frozen bitmap marks dirty from its view into a new change
 /// log in `log_dir`, and seal it. `header.virtual_size` must be the view's size.
@@ -33,50 +58,8 @@ pub fn stage_disk(
             format!("disk {}: the first cut has no bitmap to stage", disk.node),
         )
     })?;
-    let ctx = format!("qemu:dirty-bitmap:{bitmap}");
-    let nbd =
-        |e: tern_disk::Error| Error::new(ErrorKind::Io, format!("disk {}: reading the cut: {e}", disk.node));
-    let mut client = NbdClient::connect_unix(nbd_socket, &disk.export_name, &[&ctx], timeout).map_err(nbd)?;
-    if client.size() != header.virtual_size {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!(
-                "disk {}: the view has {} bytes, the log header says {}",
-                disk.node,
-                client.size(),
-                header.virtual_size
-            ),
-        ));
-    }
-    let extents = client.extents(&ctx, 0, client.size()).map_err(nbd)?;
-    let mut log = LogWriter::create(log_dir, header)?;
-    let mut buf = vec![0u8; PIECE as usize];
-    let over_budget = |log: &LogWriter| log.bytes_written() > budget;
-    for e in extents.iter().filter(|e| e.flags & STATE_DIRTY != 0) {
-        let mut at = e.offset;
-        let end = e.offset + e.length;
-        while at < end {
-            let n = (end - at).min(PIECE);
-            let b = &mut buf[..n as usize];
-            client.read(b, at).map_err(nbd)?;
-            if let Err(e) = log.data(at, b) {
-                let partial = crate::changelog::log_paths(log_dir, header.seq).0;
-                drop(log);
-                let _ = std::fs::remove_file(partial);
-                return Err(e);
-            }
-            at += n;
-            if over_budget(&log) {
-                let partial = crate::changelog::log_paths(log_dir, header.seq).0;
-                drop(log);
-                let _ = std::fs::remove_file(partial);
-                return Err(Error::new(
-                    ErrorKind::Busy,
-                    format!("disk {}: the change log would exceed its budget of {budget} bytes; the changes stay in the bitmap", disk.node),
-                ));
-            }
-        }
-    }
-    client.disconnect();
-    log.seal()
+    let extents = dirty_extents(nbd_socket, disk, bitmap, timeout)?;
+    let view = NbdDisk::open_unix(nbd_socket, &disk.export_name, timeout).map_err(|e| nbd_error(disk, e))?;
+    crate::track::stage_extents(&view, &extents, log_dir, header, budget)
+        .map_err(|e| e.context(format!("disk {}", disk.node)))
 }

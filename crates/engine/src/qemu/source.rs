@@ -1,0 +1,250 @@
+//! The `qemu` tracking source: QEMU's persistent dirty bitmaps, reached over QMP, and
+//! a copy-before-write view of every disk exported over NBD (docs/continuous.md).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+
+use super::cut::{bitmap_name, FrozenCut};
+use super::{NbdEndpoint, QemuDisk, Qmp, Tracker};
+use crate::changelog::LogHeader;
+use crate::cycle::qmp_err;
+use crate::snapshot::SnapshotKind;
+use crate::track::{Changes, Cut, CutDisk, Tracked, TrackingSource};
+use crate::{Error, ErrorKind, ReplicationDiskRow, Result, VmDef};
+
+/// How long a QMP command may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `qemu` source of one VM: a QMP connection and the NBD server the views are
+/// exported on (tern's own, started for this source and stopped when it is dropped, or
+/// the one the VM was registered with).
+pub struct QemuSource {
+    qmp: Qmp,
+    tracker: Tracker,
+    /// Per disk: the node's driver (`qcow2`, `raw`, ...).
+    formats: Vec<String>,
+    started_nbd: bool,
+}
+
+/// A cut of a QEMU VM: its frozen views, or the views a killed initial replication
+/// left, found again.
+pub struct QemuCut {
+    seq: u64,
+    instant: SystemTime,
+    disks: Vec<CutDisk>,
+    frozen: Option<FrozenCut>,
+}
+
+impl Cut for QemuCut {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn instant(&self) -> SystemTime {
+        self.instant
+    }
+    fn disks(&self) -> &[CutDisk] {
+        &self.disks
+    }
+}
+
+impl Drop for QemuSource {
+    fn drop(&mut self) {
+        if self.started_nbd {
+            let _ = self.qmp.execute("nbd-server-stop", None);
+        }
+    }
+}
+
+/// Start an NBD server on `socket` in QEMU. `Ok(false)`: one is running already.
+pub(crate) fn start_nbd(qmp: &mut Qmp, socket: &Path) -> Result<bool> {
+    let _ = std::fs::remove_file(socket);
+    let args = json!({ "addr": { "type": "unix", "data": { "path": socket } } });
+    match qmp.execute("nbd-server-start", Some(args)) {
+        Ok(_) => Ok(true),
+        Err(e) if e.to_string().contains("already running") => Ok(false),
+        Err(e) => Err(qmp_err(e)),
+    }
+}
+
+impl QemuSource {
+    /// Connect to `vm`'s QEMU, find its disks' nodes, and make sure an NBD server is
+    /// there for the views. `dir` is the VM's work folder (overlays, tern's socket).
+    pub fn open(
+        vm: &VmDef,
+        dir: &Path,
+        granularity: u64,
+        test_stagger: Option<Duration>,
+    ) -> Result<QemuSource> {
+        let q = vm.qemu.as_ref().ok_or_else(|| Error::invalid(format!("VM {} is not in a QEMU", vm.name)))?;
+        let mut qmp = Qmp::connect(&q.qmp, QMP_TIMEOUT).map_err(qmp_err)?;
+        let socket = q.nbd.clone().unwrap_or_else(|| dir.join("nbd.sock"));
+        let nodes = qmp.execute("query-named-block-nodes", Some(json!({ "flat": true }))).map_err(qmp_err)?;
+        let mut disks = Vec::new();
+        let mut formats = Vec::new();
+        for (i, node) in q.nodes.iter().enumerate() {
+            let n = nodes
+                .as_array()
+                .and_then(|a| a.iter().find(|n| n["node-name"] == node.as_str()))
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "disk {i} of VM {}: QEMU at {} has no block node {node:?} any more",
+                            vm.name,
+                            q.qmp.display()
+                        ),
+                    )
+                })?;
+            let drv = n["drv"].as_str().unwrap_or("raw").to_string();
+            disks.push(QemuDisk { node: node.clone(), persistent_bitmaps: drv == "qcow2" });
+            formats.push(drv);
+        }
+        let tracker = Tracker {
+            vm: vm.id[..8].to_string(),
+            disks,
+            granularity,
+            workdir: dir.to_path_buf(),
+            nbd: NbdEndpoint { socket: socket.clone() },
+            test_stagger,
+        };
+        let mut src = QemuSource { qmp, tracker, formats, started_nbd: false };
+        if q.nbd.is_none() {
+            // A server tern started for a pass that was killed is still there,
+            // listening on tern's own socket: it is reused, and stopped at the end.
+            if !start_nbd(&mut src.qmp, &socket)? && std::os::unix::net::UnixStream::connect(&socket).is_err()
+            {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "QEMU at {} already runs an NBD server tern did not start: register the VM again \
+                         with `tern vm add ... --nbd SOCKET` naming that server's socket",
+                        q.qmp.display()
+                    ),
+                ));
+            }
+            src.started_nbd = true;
+        }
+        Ok(src)
+    }
+
+    fn cut_disks(&self, frozen: &FrozenCut) -> Vec<CutDisk> {
+        frozen
+            .disks
+            .iter()
+            .zip(&self.formats)
+            .map(|(f, drv)| CutDisk {
+                size: f.size,
+                read_path: PathBuf::from(crate::replicate::nbd_view_url(&frozen.nbd.socket, &f.export_name)),
+                snapshot: SnapshotKind::QemuView,
+                format: if drv == "qcow2" { "qcow2" } else { "raw" }.into(),
+                warning: None,
+            })
+            .collect()
+    }
+}
+
+impl TrackingSource for QemuSource {
+    type Cut = QemuCut;
+
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn granularity(&self) -> u64 {
+        self.tracker.granularity
+    }
+
+    fn clean_leftovers(&mut self) -> Result<()> {
+        self.tracker.clean_leftovers(&mut self.qmp).map_err(qmp_err)
+    }
+
+    fn resume(&mut self, seq: u64, disks: &[ReplicationDiskRow]) -> Result<Option<QemuCut>> {
+        // QEMU still holds the views: every disk's export, and bitmap `seq` (started
+        // at that view).
+        let exports = self.qmp.execute("query-block-exports", None).map_err(qmp_err)?;
+        let bitmap = bitmap_name(&self.tracker.vm, seq);
+        for (i, d) in self.tracker.disks.iter().enumerate() {
+            let id = format!("tern-export-{}-{i}", self.tracker.vm);
+            if !exports.as_array().is_some_and(|a| a.iter().any(|x| x["id"] == id.as_str())) {
+                return Ok(None);
+            }
+            let bitmaps = super::bitmaps(&mut self.qmp, &d.node).map_err(qmp_err)?;
+            if !bitmaps.iter().any(|b| b.name == bitmap && !b.inconsistent) {
+                return Ok(None);
+            }
+        }
+        if disks.len() != self.tracker.disks.len() {
+            return Ok(None);
+        }
+        let disks = disks
+            .iter()
+            .map(|d| CutDisk {
+                size: d.virtual_size,
+                read_path: d.read_path.clone(),
+                snapshot: SnapshotKind::QemuView,
+                format: d.source_format.clone(),
+                warning: None,
+            })
+            .collect();
+        Ok(Some(QemuCut { seq, instant: SystemTime::now(), disks, frozen: None }))
+    }
+
+    fn restore(&mut self, seq: u64) -> Result<Tracked> {
+        if self.tracker.reconcile(&mut self.qmp, seq).map_err(qmp_err)? {
+            Ok(Tracked::Intact)
+        } else {
+            Ok(Tracked::Lost(
+                "QEMU's dirty bitmap is missing or inconsistent (QEMU restarted or was killed): \
+                 resyncing by comparing every chunk with the last point; only what differs is uploaded"
+                    .into(),
+            ))
+        }
+    }
+
+    fn drop_tracking(&mut self) -> Result<()> {
+        self.tracker.remove_all_bitmaps(&mut self.qmp).map(|_| ()).map_err(qmp_err)
+    }
+
+    fn cut(&mut self, seq: u64, first: bool) -> Result<QemuCut> {
+        let frozen = self.tracker.cut(&mut self.qmp, seq, first).map_err(qmp_err)?;
+        let disks = self.cut_disks(&frozen);
+        Ok(QemuCut { seq, instant: frozen.instant, disks, frozen: Some(frozen) })
+    }
+
+    fn changes(&mut self, cut: &QemuCut, disk: usize, _dir: &Path, _header: LogHeader) -> Result<Changes> {
+        let Some(f) = cut.frozen.as_ref().map(|c| &c.disks[disk]) else { return Ok(Changes::Unknown) };
+        let Some(bitmap) = &f.bitmap else { return Ok(Changes::Unknown) };
+        let socket = &cut.frozen.as_ref().expect("checked").nbd.socket;
+        let extents = super::stage::dirty_extents(socket, f, bitmap, QMP_TIMEOUT)?;
+        Ok(Changes::Extents(extents))
+    }
+
+    fn release(&mut self, cut: &mut QemuCut) -> Result<()> {
+        match &mut cut.frozen {
+            Some(f) => f.release(&mut self.qmp).map_err(qmp_err),
+            // The views of a killed run, found again: taken down by name.
+            None => self.tracker.clean_leftovers(&mut self.qmp).map_err(qmp_err),
+        }
+    }
+
+    fn keeps_failed_cut(&self) -> bool {
+        false
+    }
+
+    fn committed(&mut self, seq: u64) -> Result<()> {
+        let frozen = bitmap_name(&self.tracker.vm, seq);
+        let mut first = None;
+        for d in &self.tracker.disks {
+            // A failure here leaves a bitmap that restore() removes next time.
+            if let Err(e) = super::cut::remove_bitmap(&mut self.qmp, &d.node, &frozen) {
+                first.get_or_insert(Error::new(
+                    ErrorKind::Io,
+                    format!("removing bitmap {frozen} from {}: {e}", d.node),
+                ));
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
