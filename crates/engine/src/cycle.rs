@@ -114,12 +114,25 @@ pub(crate) fn run(
     )?;
     let ctx =
         Pass { engine, rt: &rt, vm, store: &store, key: &key, url: &url, dir, opts, throttle, observer };
+    let snapshots = engine.data_dir().snapshots_dir().join(&vm.id);
     let res = match &vm.qemu {
-        Some(_) => ctx.run(QemuSource::open(vm, &ctx.dir, GRANULARITY, opts.test_stagger)?),
-        None => {
-            let snapshots = engine.data_dir().snapshots_dir().join(&vm.id);
-            ctx.run(ScanSource::new(vm, snapshots, opts.force, GRANULARITY))
-        }
+        Some(q) => match QemuSource::open(vm, &ctx.dir, GRANULARITY, opts.test_stagger) {
+            Ok(src) => ctx.run(src),
+            // A VM that is shut off is scanned: its images are read (never with
+            // --force: nothing may have them open for writing) and compared with the
+            // last point. Its bitmaps, persisted at the clean close, started before
+            // that point and go on recording when QEMU starts again, so the next
+            // cycle with QEMU is a delta again.
+            Err(e) if qemu_down(&q.qmp) => {
+                observer(ReplicateEvent::Warning(format!(
+                    "QEMU at {} is not running ({e}): scanning the VM's images instead",
+                    q.qmp.display()
+                )));
+                ctx.run(ScanSource::new(vm, snapshots, false, GRANULARITY))
+            }
+            Err(e) => Err(e),
+        },
+        None => ctx.run(ScanSource::new(vm, snapshots, opts.force, GRANULARITY)),
     };
     if let Err(e) = &res {
         if let Ok(Some(mut t)) = db.tracking(&vm.id) {
@@ -128,6 +141,15 @@ pub(crate) fn run(
         }
     }
     res
+}
+
+/// Whether no QEMU listens on QMP socket `qmp` (no socket, or nothing accepting on
+/// it): the VM is shut off. A QEMU that is there but slow or busy is not.
+fn qemu_down(qmp: &Path) -> bool {
+    match std::os::unix::net::UnixStream::connect(qmp) {
+        Ok(_) => false,
+        Err(e) => matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused),
+    }
 }
 
 fn plan<S: TrackingSource>(
@@ -160,7 +182,9 @@ fn plan<S: TrackingSource>(
     Ok(match src.restore(t.seq)? {
         Tracked::Intact => Plan::Delta { seq: t.seq, base },
         Tracked::Lost(why) => Plan::Resync { seq, base, why },
-        Tracked::Never => Plan::Scan { seq, base },
+        // The sequence stays: a scan keeps nothing that it names, and a QEMU VM
+        // scanned while shut off keeps the bitmap that goes on after it.
+        Tracked::Never => Plan::Scan { seq: t.seq, base },
     })
 }
 
@@ -226,6 +250,7 @@ impl Pass<'_> {
                 self.opts,
                 self.throttle,
                 self.observer,
+                &mut || src.verify(&cut),
             );
             let released = src.release(&mut cut);
             let report = res?;
@@ -332,6 +357,7 @@ impl Pass<'_> {
                 self.opts,
                 self.throttle,
                 self.observer,
+                &mut || src.verify(&cut),
             )
         })();
         if res.is_err() && src.keeps_failed_cut() {
@@ -436,6 +462,7 @@ impl Pass<'_> {
                 logs.push(log);
                 reads.push(read);
             }
+            src.verify(&cut)?;
             Ok((point_id, logs))
         })();
         // The view is needed no longer: the copy-before-write window ends here.

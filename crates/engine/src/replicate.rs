@@ -244,7 +244,8 @@ pub enum PointKind {
 }
 
 /// Read every disk of `repl` whole, store what the store does not have, and commit
-/// the point: the initial replication (and a resync) of any VM.
+/// the point: the initial replication of any VM. `views_held` is called once every
+/// disk is read: an error there (the views did not hold) commits nothing.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn full_pass(
     engine: &Engine,
@@ -258,6 +259,7 @@ pub(crate) fn full_pass(
     opts: &ReplicateOptions,
     throttle: &Throttle,
     observer: &(dyn Fn(ReplicateEvent) + Sync),
+    views_held: &mut dyn FnMut() -> Result<()>,
 ) -> Result<ReplicateReport> {
     let db = engine.db();
     let url = &repl.store_url;
@@ -279,6 +281,9 @@ pub(crate) fn full_pass(
         indexes.push(index);
         reports.push(report);
     }
+    // What was read is the disks at the point's instant only if the views held all
+    // along: checked before anything commits.
+    views_held()?;
 
     // A run that crashed after writing the manifest finds it there: the point exists
     // and its indexes may not be rewritten.

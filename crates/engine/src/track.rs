@@ -152,6 +152,10 @@ pub trait TrackingSource {
     /// source that writes change logs itself puts it; `header` is the log's header.
     fn changes(&mut self, cut: &Self::Cut, disk: usize, dir: &Path, header: LogHeader) -> Result<Changes>;
 
+    /// Check, after every disk of `cut` was read and before anything commits, that
+    /// the views held all along: what was read is the disks at the cut's instant.
+    fn verify(&mut self, cut: &Self::Cut) -> Result<()>;
+
     /// Take the cut's views down (tracking stays).
     fn release(&mut self, cut: &mut Self::Cut) -> Result<()>;
 
@@ -382,6 +386,30 @@ impl TrackingSource for ScanSource {
 
     fn changes(&mut self, _cut: &ScanCut, _disk: usize, _dir: &Path, _header: LogHeader) -> Result<Changes> {
         Ok(Changes::Unknown)
+    }
+
+    fn verify(&mut self, cut: &ScanCut) -> Result<()> {
+        // An image read in place must not have been opened for writing meanwhile (a
+        // VM started during the read): the point would mix two moments.
+        for (i, d) in cut.disks.iter().enumerate() {
+            if d.snapshot != SnapshotKind::InPlace || self.force {
+                continue;
+            }
+            let w = snapshot::writers_of(&d.read_path)?;
+            if !w.is_empty() {
+                let who = w.iter().map(|w| format!("{} (pid {})", w.command, w.pid)).collect::<Vec<_>>();
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "disk {i} ({}) was opened for writing by {} while tern read it in place: \
+                         nothing is committed (the next pass reads it again)",
+                        d.read_path.display(),
+                        who.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn release(&mut self, cut: &mut ScanCut) -> Result<()> {

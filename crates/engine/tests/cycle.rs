@@ -5,7 +5,8 @@
 //! point migrates to exactly the guest's content at its cut; delta points store about
 //! what changed, not whole chunks; killing QEMU loses the bitmaps and the next pass is
 //! a resync that uploads only what differs; nothing of tern's is left in QEMU but the
-//! one bitmap per disk that tracks the next cycle.
+//! one bitmap per disk that tracks the next cycle. A VM that is shut off is scanned,
+//! and tracking goes on from its bitmaps when it boots again.
 
 mod support;
 
@@ -227,5 +228,108 @@ fn a_clean_qemu_restart_keeps_tracking_on_qcow2() {
     let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
     assert_eq!(r.kind, PointKind::Delta, "a clean restart must not cost a resync");
     assert_eq!(r.disks[0].changed_bytes, 2 * 65536);
+    assert_eq!(migrate_point(&h, &r.point_id, &h.root.join("o")), vec![vm.guest_sha256("disk0")]);
+}
+
+#[test]
+fn a_shut_off_vm_is_scanned_and_tracking_goes_on_when_it_boots() {
+    let h = support::host();
+    let mut vm = support::Qsd::start(&[("qcow2", "24M"), ("qcow2", "16M")]);
+    vm.guest_random("disk0", 0, 3 << 20, 11);
+    vm.guest_random("disk1", 4 * MIB, 1 << 20, 12);
+    add_qemu_vm(&h.engine, &spec(&vm, Some(vm.nbd.clone()))).unwrap();
+    let opts = ReplicateOptions { threads: 2, ..Default::default() };
+    assert_eq!(support::run_replicate(&h.engine, "web", &opts).unwrap().kind, PointKind::Full);
+    vm.guest_random("disk0", 7 * MIB, 65536, 13);
+    let sums = [vm.guest_sha256("disk0"), vm.guest_sha256("disk1")];
+
+    // Shut off: the pass scans the images and says so; the changes since the last
+    // point are found by comparison.
+    vm.shut_off();
+    let warnings = std::sync::Mutex::new(Vec::new());
+    let observe = |e: tern_engine::ReplicateEvent| {
+        if let tern_engine::ReplicateEvent::Warning(w) = e {
+            warnings.lock().unwrap().push(w);
+        }
+    };
+    let off = tern_engine::replicate(
+        &h.engine,
+        "web",
+        &opts,
+        &tern_engine::throttle::Throttle::unlimited(),
+        &observe,
+    )
+    .unwrap();
+    let warnings = warnings.into_inner().unwrap();
+    assert!(warnings.iter().any(|w| w.contains("not running") && w.contains("scanning")), "{warnings:?}");
+    assert_eq!(off.kind, PointKind::Delta);
+    assert_eq!(off.disks[0].changed_bytes, 65536, "the scan found exactly the one write");
+    assert_eq!(off.disks[1].changed_bytes, 0);
+    assert_eq!(migrate_point(&h, &off.point_id, &h.root.join("o1")), sums);
+
+    // Booted again: the bitmap persisted at the clean close goes on, so the next pass
+    // is a delta from it, not a resync.
+    vm.boot();
+    vm.guest_random("disk1", 9 * MIB, 65536, 14);
+    let on = support::run_replicate(&h.engine, "web", &opts).unwrap();
+    assert_eq!(on.kind, PointKind::Delta, "booting again must not cost a resync");
+    // The bitmap started before the scanned point: it holds the write the scan
+    // shipped too (a superset, which is still exact), and the new one.
+    assert_eq!(on.disks[0].changed_bytes, 65536);
+    assert_eq!(on.disks[1].changed_bytes, 65536);
+    assert!(on.disks.iter().all(|d| d.read_bytes <= 2 * 65536), "{:?}", on.disks);
+    assert_eq!(
+        migrate_point(&h, &on.point_id, &h.root.join("o2")),
+        [vm.guest_sha256("disk0"), vm.guest_sha256("disk1")]
+    );
+}
+
+#[test]
+fn a_vm_started_while_its_images_are_scanned_commits_nothing() {
+    // A scan that reads the images in place (where the file system makes no
+    // reflinks): a QEMU that opens them for writing before the pass commits makes it
+    // fail, and nothing is committed.
+    let h = support::host();
+    let mut vm = support::Qsd::start(&[("qcow2", "16M")]);
+    vm.guest_random("disk0", 0, 2 << 20, 21);
+    add_qemu_vm(&h.engine, &spec(&vm, Some(vm.nbd.clone()))).unwrap();
+    let opts = ReplicateOptions { threads: 1, ..Default::default() };
+    support::run_replicate(&h.engine, "web", &opts).unwrap();
+    vm.shut_off();
+    let booted = std::sync::atomic::AtomicBool::new(false);
+    let vm = std::sync::Mutex::new(vm);
+    let observe = |e: tern_engine::ReplicateEvent| {
+        if matches!(e, tern_engine::ReplicateEvent::DiskStart { .. })
+            && !booted.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            vm.lock().unwrap().boot();
+        }
+    };
+    let before = h.engine.db().newest_point(&h.engine.vm("web").unwrap().id).unwrap();
+    let res = tern_engine::replicate(
+        &h.engine,
+        "web",
+        &opts,
+        &tern_engine::throttle::Throttle::unlimited(),
+        &observe,
+    );
+    assert!(booted.load(std::sync::atomic::Ordering::SeqCst));
+    let err = match res {
+        // A file system that makes reflinks: the scan read a copy, which no boot
+        // can change.
+        Ok(r) => {
+            assert_eq!(r.disks[0].snapshot, tern_engine::snapshot::SnapshotKind::Reflink);
+            return;
+        }
+        Err(e) => e,
+    };
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    assert!(err.to_string().contains("opened for writing"), "{err}");
+    assert_eq!(h.engine.db().newest_point(&h.engine.vm("web").unwrap().id).unwrap(), before);
+    // With QEMU up, the next pass goes on with the bitmap.
+    let vm = vm.into_inner().unwrap();
+    vm.guest_random("disk0", 5 * MIB, 65536, 22);
+    let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
+    assert_eq!(r.kind, PointKind::Delta);
     assert_eq!(migrate_point(&h, &r.point_id, &h.root.join("o")), vec![vm.guest_sha256("disk0")]);
 }

@@ -221,6 +221,35 @@ impl TrackingSource for QemuSource {
         Ok(Changes::Extents(extents))
     }
 
+    fn verify(&mut self, cut: &QemuCut) -> Result<()> {
+        // A view holds while its copy-before-write job runs: a job that failed (its
+        // overlay's file system full, say) or went away leaves a view that no longer
+        // reads the disk as of the cut.
+        let jobs = self.qmp.execute("query-block-jobs", None).map_err(qmp_err)?;
+        let exports = self.qmp.execute("query-block-exports", None).map_err(qmp_err)?;
+        for (i, _) in cut.disks.iter().enumerate() {
+            let job = format!("tern-backup-{}-{i}", self.tracker.vm);
+            let export = format!("tern-export-{}-{i}", self.tracker.vm);
+            let j = jobs.as_array().and_then(|a| a.iter().find(|j| j["device"] == job.as_str()));
+            let running = j.is_some_and(|j| {
+                !matches!(j["status"].as_str(), Some("concluded" | "aborting" | "null"))
+                    && j["io-status"].as_str().is_none_or(|s| s == "ok")
+            });
+            let exported = exports.as_array().is_some_and(|a| a.iter().any(|x| x["id"] == export.as_str()));
+            if !running || !exported {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "disk {i}: QEMU's frozen view did not hold while tern read it (its backup job {}): \
+                         nothing is committed, the changes stay tracked",
+                        if j.is_none() { "is gone" } else { "failed" }
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn release(&mut self, cut: &mut QemuCut) -> Result<()> {
         match &mut cut.frozen {
             Some(f) => f.release(&mut self.qmp).map_err(qmp_err),

@@ -199,6 +199,29 @@ impl Qsd {
         self.child = Self::spawn(&self.args, &self.qmp, &self.nbd);
     }
 
+    /// Shut the daemon off cleanly (QMP `quit`: persistent bitmaps are written) and
+    /// wait for it to exit; [`Qsd::boot`] starts it again.
+    pub fn shut_off(&mut self) {
+        let mut q = tern_engine::qemu::Qmp::connect(&self.qmp, std::time::Duration::from_secs(10)).unwrap();
+        let _ = q.execute("quit", None);
+        let _ = self.child.wait();
+    }
+
+    /// Start the daemon again on the same images and sockets, after [`Qsd::shut_off`].
+    pub fn boot(&mut self) {
+        self.child = Self::spawn(&self.args, &self.qmp, &self.nbd);
+    }
+
+    /// Disk `i`'s image file.
+    pub fn image(&self, i: usize) -> PathBuf {
+        let found = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_stem().is_some_and(|s| s == format!("d{i}").as_str()));
+        found.unwrap_or_else(|| panic!("no image of disk {i}"))
+    }
+
     /// `vm add NAME --qmp` of this daemon, naming its running NBD server.
     pub fn spec(&self, name: &str) -> tern_engine::QemuVmSpec {
         tern_engine::QemuVmSpec {
