@@ -280,6 +280,15 @@ struct TrackingStatus {
     /// point; scan: the number of the last cut).
     bitmap_seq: u64,
     last_error: Option<String>,
+    /// Change log bytes on this host now (staged by a cycle in progress), and the
+    /// per-disk budget.
+    log_bytes: u64,
+    log_budget: u64,
+    /// The last time tracking was lost and the disks were resynced, and why.
+    last_resync: Option<tern_engine::VmEvent>,
+    /// The last cycle whose changes did not fit (over the log budget or the log file
+    /// system full).
+    last_backlog: Option<tern_engine::VmEvent>,
 }
 
 /// Seconds since the time in a point id (`YYYYMMDDTHHMMSSZ-...`).
@@ -324,6 +333,9 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
     let mut out = Vec::new();
     for vm in vms {
         let store = engine.vm_store_url(&vm).to_string();
+        let settings = engine.db().settings(&vm.id)?;
+        let last_resync = engine.db().last_event(&vm.id, "resync")?;
+        let last_backlog = engine.db().last_event(&vm.id, "backlog")?;
         let tracking = engine.db().tracking(&vm.id)?.map(|t| TrackingStatus {
             state: if t.state != "backlog" && t.last_error.is_some() {
                 "error".into()
@@ -335,8 +347,11 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             source: if vm.qemu.is_some() { "qemu" } else { "scan" },
             bitmap_seq: t.seq,
             last_error: t.last_error,
+            log_bytes: tern_engine::log_bytes(&engine, &vm),
+            log_budget: settings.log_budget.unwrap_or(tern_engine::DEFAULT_LOG_BUDGET),
+            last_resync,
+            last_backlog,
         });
-        let settings = engine.db().settings(&vm.id)?;
         let schedule = if settings.enabled {
             let age = tracking.as_ref().and_then(|t| t.last_point_age_seconds);
             let freq = settings.frequency_ms.map(|ms| ms as f64 / 1000.0);
@@ -444,6 +459,19 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             outln!("{line}");
             if let Some(e) = &t.last_error {
                 outln!("  last error: {e}");
+            }
+            if t.log_bytes > 0 {
+                outln!(
+                    "  change logs: {} on this host (budget {} per disk)",
+                    tern_types::ByteSize(t.log_bytes),
+                    tern_types::ByteSize(t.log_budget)
+                );
+            }
+            if let Some(e) = &t.last_resync {
+                outln!("  last resync: {}: {}", e.at, e.message);
+            }
+            if let Some(e) = &t.last_backlog {
+                outln!("  last backlog: {}: {}", e.at, e.message);
             }
             if v.state != "replicating" && v.state != "interrupted" {
                 outln!("  store {}", v.store);

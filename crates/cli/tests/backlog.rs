@@ -61,6 +61,8 @@ fn over_budget_or_a_full_log_file_system_is_a_backlog_that_drains() {
     assert!(err.contains("backlog") && err.contains("budget"), "{err}");
     let st = status(&data);
     assert_eq!(st["tracking"]["state"], "backlog", "{st}");
+    assert_eq!(st["tracking"]["log_budget"], 1 << 20, "{st}");
+    assert!(st["tracking"]["last_backlog"]["message"].as_str().is_some_and(|m| m.contains("budget")), "{st}");
     // The guest goes on writing; tern keeps tracking.
     vm.write_random("disk1", 2 << 20, 256 << 10, 3);
     let out = ok(tern(&data).args(["replicate", "web", "--log-budget", "64M"]));

@@ -69,6 +69,14 @@ fn an_operator_replicates_a_running_qemu_vm_in_cycles() {
     assert!(c.status.success(), "{stderr}");
     assert!(stderr.contains("resyncing"), "{stderr}");
     assert!(stdout.contains("resync point") && stdout.contains("disk 1: 64.0 KiB changed"), "{stdout}");
+    // Status keeps saying that a resync happened, and why, after it is done.
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(tern(&data).args(["status", "web", "--json"]))).unwrap();
+    let t = &st[0]["tracking"];
+    assert_eq!(t["state"], "delta", "{st}");
+    assert!(t["last_resync"]["message"].as_str().is_some_and(|m| m.contains("bitmap")), "{st}");
+    let text = ok(tern(&data).args(["status", "web"]));
+    assert!(text.contains("last resync:") && text.contains("(qemu)"), "{text}");
     let out = d.path().join("out2");
     ok(tern(&data).args(["migrate", "web", "--format", "raw", "--out"]).arg(&out));
     vm.same_as_guest(&out.join("web-disk0.raw"), "raw", "disk0");

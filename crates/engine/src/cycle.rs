@@ -70,6 +70,22 @@ pub(crate) fn workdir(engine: &Engine, vm: &VmDef) -> PathBuf {
     engine.data_dir().root().join("tracking").join(&vm.id)
 }
 
+/// Bytes of change logs VM `vm` has on this host now (staged by a cycle in progress,
+/// or left by one that was killed and not yet cleaned).
+pub fn log_bytes(engine: &Engine, vm: &VmDef) -> u64 {
+    fn walk(dir: &Path) -> u64 {
+        let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+        rd.flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&e.path()),
+                Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    walk(&workdir(engine, vm).join("logs"))
+}
+
 /// What this pass does.
 enum Plan {
     /// Read every disk whole and store it: tracking `seq` starts with the cut.
@@ -124,10 +140,12 @@ pub(crate) fn run(
             // that point and go on recording when QEMU starts again, so the next
             // cycle with QEMU is a delta again.
             Err(e) if qemu_down(&q.qmp) => {
-                observer(ReplicateEvent::Warning(format!(
+                let why = format!(
                     "QEMU at {} is not running ({e}): scanning the VM's images instead",
                     q.qmp.display()
-                )));
+                );
+                observer(ReplicateEvent::Warning(why.clone()));
+                db.add_event(&vm.id, "scan", &why)?;
                 ctx.run(ScanSource::new(vm, snapshots, false, GRANULARITY))
             }
             Err(e) => Err(e),
@@ -272,6 +290,9 @@ impl Pass<'_> {
             }
             Plan::Resync { seq, base, why } => {
                 warn(&why);
+                if !why.is_empty() {
+                    db.add_event(&vm.id, "resync", &why)?;
+                }
                 self.cycle(&mut src, seq, None, &base, PointKind::Resync)
             }
             Plan::Scan { seq, base } => self.cycle(&mut src, seq, None, &base, PointKind::Delta),
@@ -483,6 +504,7 @@ impl Pass<'_> {
                 return match src.restore(prev) {
                     Ok(Tracked::Intact) if staging_failed && e.kind() == ErrorKind::Busy => {
                         let _ = self.set_tracking(prev, "backlog", Some(base.to_string()));
+                        let _ = self.engine.db().add_event(&vm.id, "backlog", &e.to_string());
                         Err(Error::new(
                             ErrorKind::Busy,
                             format!(

@@ -15,7 +15,7 @@ use crate::{Error, ErrorKind, Result};
 
 /// Schema version this build writes. NEVER reuse a number: each version's DDL is kept
 /// in [`MIGRATIONS`] so that any older database can be upgraded.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const MIGRATIONS: &[&str] = &[
     // Version 1.
@@ -141,7 +141,35 @@ const MIGRATIONS: &[&str] = &[
     DROP TABLE replication_disks;
     ALTER TABLE replication_disks_v4 RENAME TO replication_disks;
     "#,
+    // Version 5: what happened to a VM's replication that outlives the pass (a
+    // resync and why, a backlog), for `tern status`.
+    r#"
+    CREATE TABLE vm_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        at TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('resync', 'backlog', 'scan')),
+        message TEXT NOT NULL
+    );
+    CREATE INDEX vm_events_by_vm ON vm_events (vm_id, kind, id);
+    "#,
 ];
+
+/// Events kept per VM and kind (older ones are dropped).
+const EVENTS_KEPT: i64 = 50;
+
+/// Something that happened to a VM's replication (`vm_events`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VmEvent {
+    /// When (RFC 3339).
+    pub at: String,
+    /// `resync` (tracking was lost; the message says why), `backlog` (a cycle's
+    /// changes did not fit in the log budget or file system), or `scan` (a QEMU VM was
+    /// shut off and its images were scanned).
+    pub kind: String,
+    /// What happened, for the user.
+    pub message: String,
+}
 
 /// How a VM is replicated: what `tern replicate --frequency ...`, `pause` and
 /// `resume` set, and the agent follows.
@@ -489,6 +517,33 @@ impl StateDb {
             ],
         )?;
         Ok(())
+    }
+
+    /// Record an event of VM `vm_id` (kind `resync`, `backlog` or `scan`).
+    pub fn add_event(&self, vm_id: &str, kind: &str, message: &str) -> Result<()> {
+        let c = self.conn();
+        c.execute(
+            "INSERT INTO vm_events (vm_id, at, kind, message) VALUES (?1, ?2, ?3, ?4)",
+            params![vm_id, crate::now_rfc3339(), kind, message],
+        )?;
+        c.execute(
+            "DELETE FROM vm_events WHERE vm_id = ?1 AND kind = ?2 AND id NOT IN \
+             (SELECT id FROM vm_events WHERE vm_id = ?1 AND kind = ?2 ORDER BY id DESC LIMIT ?3)",
+            params![vm_id, kind, EVENTS_KEPT],
+        )?;
+        Ok(())
+    }
+
+    /// The newest event of kind `kind` of VM `vm_id`.
+    pub fn last_event(&self, vm_id: &str, kind: &str) -> Result<Option<VmEvent>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT at, kind, message FROM vm_events WHERE vm_id = ?1 AND kind = ?2 ORDER BY id DESC LIMIT 1",
+                [vm_id, kind],
+                |r| Ok(VmEvent { at: r.get(0)?, kind: r.get(1)?, message: r.get(2)? }),
+            )
+            .optional()?)
     }
 
     /// Forget VM `vm_id`'s tracking.

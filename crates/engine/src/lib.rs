@@ -46,9 +46,9 @@ mod vm;
 mod vmdef;
 
 pub use catalog::{find_vm, list_points, PointInfo};
-pub use cycle::{add_qemu_vm, QemuVmSpec, DEFAULT_LOG_BUDGET};
+pub use cycle::{add_qemu_vm, log_bytes, QemuVmSpec, DEFAULT_LOG_BUDGET};
 pub use db::{
-    PointRow, ReplicationDiskRow, ReplicationRow, StateDb, TrackingRow, VmSettings, SCHEMA_VERSION,
+    PointRow, ReplicationDiskRow, ReplicationRow, StateDb, TrackingRow, VmEvent, VmSettings, SCHEMA_VERSION,
 };
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, ErrorKind, Result};
