@@ -47,6 +47,7 @@ pub use detect::{detect_format, format_from_name, open_disk};
 pub use error::{Error, ErrorKind, Result};
 pub use io::ImageFile;
 pub use mapping::{collect_map, MapKind, Mapping};
+pub use qcow2::{qcow2_bitmap_extents, qcow2_bitmaps, StoredBitmap};
 
 /// The image formats tern reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

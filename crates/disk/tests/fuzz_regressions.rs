@@ -6,10 +6,15 @@
 //! driver opened (checksums repaired, see `fuzz/src/lib.rs`), raw-deflate compressed
 //! (`.deflate`) since images are mostly zeros.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use tern_disk::vhdx::{DifferencingOptions, ParentLocator, VhdxWriter};
-use tern_disk::{open_disk, DiskWriter, Format, MapKind, Mapping, OpenOptions};
+use tern_disk::{
+    open_disk, qcow2_bitmap_extents, qcow2_bitmaps, DiskWriter, ErrorKind, Format, MapKind, Mapping,
+    OpenOptions,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -100,4 +105,87 @@ fn vhdx_log_entry_claiming_a_petabyte_file_is_refused_not_zero_filled() {
     let e = exercise(&path, Format::Vhdx, true).unwrap_err();
     assert!(e.to_string().contains("beyond any VHDX file"), "{e}");
     assert_eq!(std::fs::metadata(&path).unwrap().len(), len, "the file did not grow");
+}
+
+/// Hostile bitmaps extensions, directories and tables, patched into an image qemu-img
+/// made: listing or reading the bitmap gives a `Corrupt` error naming the file and
+/// what is wrong, never a panic or an allocation the field asks for; and the image's
+/// data still reads (its bitmaps do not matter to that).
+#[test]
+fn qcow2_hostile_bitmap_metadata_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("good.qcow2");
+    let p = img.to_str().unwrap();
+    common::qemu_img(&["create", "-q", "-f", "qcow2", p, "64M"]);
+    common::qemu_img(&["bitmap", "--add", p, "b"]);
+    common::qemu_io("qcow2", &img, &["write 1M 64k"]);
+    let good = std::fs::read(&img).unwrap();
+    let l = common::qcow2_bitmap_layout(&good);
+    assert_eq!(qcow2_bitmap_extents(&img, "b").unwrap(), vec![MIB..MIB + 64 * 1024]);
+    let ext = l.ext_at + 8;
+    let (entry, table, _) = l.entries[0];
+    let (entry, table) = (entry as usize, table as usize);
+    let beyond = (good.len() as u64).next_multiple_of(1 << 16) + (1 << 16);
+    let data = u64::from_be_bytes(good[table..table + 8].try_into().unwrap());
+    assert_ne!(data, 0, "the written bit's cluster is stored");
+
+    type Patch = Box<dyn Fn(&mut Vec<u8>)>;
+    let put = |at: usize, v: &[u8]| -> Patch {
+        let v = v.to_vec();
+        Box::new(move |b: &mut Vec<u8>| b[at..at + v.len()].copy_from_slice(&v))
+    };
+    let cases: Vec<(&str, Patch, &str)> = vec![
+        ("extension of 16 bytes", put(l.ext_at + 4, &16u32.to_be_bytes()), "is 16 bytes long"),
+        ("nb_bitmaps 0", put(ext, &0u32.to_be_bytes()), "nb_bitmaps 0"),
+        ("nb_bitmaps above qemu's limit", put(ext, &70000u32.to_be_bytes()), "nb_bitmaps 70000"),
+        ("one entry short", put(ext, &2u32.to_be_bytes()), "nb_bitmaps is 2"),
+        ("reserved field", put(ext + 4, &1u32.to_be_bytes()), "reserved"),
+        (
+            "truncated directory",
+            put(ext + 8, &(l.dir_size - 8).to_be_bytes()),
+            "past the end of the directory",
+        ),
+        ("directory of 8 bytes", put(ext + 8, &8u64.to_be_bytes()), "truncated"),
+        ("absurd directory size", put(ext + 8, &u64::MAX.to_be_bytes()), "bitmap_directory_size"),
+        ("directory past the file", put(ext + 16, &beyond.to_be_bytes()), "past the end of the file"),
+        ("unaligned directory", put(ext + 16, &(l.dir_offset + 8).to_be_bytes()), "not aligned"),
+        ("directory in the header", put(ext + 16, &0u64.to_be_bytes()), "header cluster"),
+        ("absurd table size", put(entry + 8, &u32::MAX.to_be_bytes()), "bitmap_table_size"),
+        ("table size 0", put(entry + 8, &0u32.to_be_bytes()), "bitmap_table_size 0"),
+        ("table longer than the disk needs", put(entry + 8, &2u32.to_be_bytes()), "it must be 1"),
+        ("table past the file", put(entry, &beyond.to_be_bytes()), "past the end of the file"),
+        ("unaligned table", put(entry, &(table as u64 + 512).to_be_bytes()), "not aligned"),
+        ("reserved flags", put(entry + 12, &0x10u32.to_be_bytes()), "reserved bits"),
+        ("type 2", put(entry + 16, &[2]), "type 2"),
+        ("granularity 2^64", put(entry + 17, &[64]), "granularity_bits 64"),
+        (
+            "name longer than the directory",
+            put(entry + 18, &0xffffu16.to_be_bytes()),
+            "past the end of the directory",
+        ),
+        ("empty name", put(entry + 18, &0u16.to_be_bytes()), "name_size 0"),
+        ("name not UTF-8", put(entry + 24, &[0xff]), "UTF-8"),
+        ("huge extra data", put(entry + 20, &u32::MAX.to_be_bytes()), "past the end of the directory"),
+        ("data cluster past the file", put(table, &beyond.to_be_bytes()), "past the end of the file"),
+        ("unaligned data cluster", put(table, &(data + 512).to_be_bytes()), "not aligned"),
+        ("reserved table bits", put(table, &(data | 1 << 60).to_be_bytes()), "reserved bits"),
+        ("offset and all-ones", put(table, &(data | 1).to_be_bytes()), "all-ones"),
+    ];
+    for (what, patch, says) in cases {
+        let mut bytes = good.clone();
+        patch(&mut bytes);
+        let path = dir.path().join("hostile.qcow2");
+        std::fs::write(&path, &bytes).unwrap();
+        let e = match qcow2_bitmaps(&path) {
+            Err(e) => e,
+            Ok(list) => {
+                let name = list.first().map(|b| b.name.clone()).unwrap_or_else(|| "b".into());
+                qcow2_bitmap_extents(&path, &name).expect_err(what)
+            }
+        };
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{what}: {e}");
+        assert!(e.to_string().contains("hostile.qcow2") && e.to_string().contains(says), "{what}: {e}");
+        exercise(&path, Format::Qcow2, false)
+            .unwrap_or_else(|e| panic!("{what}: the data no longer reads: {e}"));
+    }
 }

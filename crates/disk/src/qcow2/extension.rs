@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!   0  type (u32): 0 = end, 0xe2792aca backing format, 0x6803f857 feature names,
-//!                  0x44415441 external data file name, others ignored
+//!                  0x44415441 external data file name, 0x23852875 bitmaps (kept
+//!                  raw here, read by `bitmaps.rs`), others ignored
 //!   4  length of the data (u32)
 //!   8  data, padded with zeros to a multiple of 8
 //! ```
@@ -20,7 +21,7 @@ const BACKING_FORMAT: u32 = 0xe279_2aca;
 const FEATURE_NAME_TABLE: u32 = 0x6803_f857;
 /// External data file name string.
 const EXTERNAL_DATA_FILE: u32 = 0x4441_5441;
-/// Bitmaps extension (noted for `info`, otherwise unused by a reader).
+/// Bitmaps extension ("Bitmaps extension"): noted for `info`, decoded by `bitmaps.rs`.
 const BITMAPS: u32 = 0x2385_2875;
 
 /// One entry of the feature name table: 48 bytes ("Feature name table").
@@ -37,8 +38,18 @@ pub(crate) struct Extensions {
     pub feature_names: Vec<(u8, u8, String)>,
     /// The external data file name, if the image has one.
     pub data_file: Option<String>,
-    /// Whether the image carries persistent dirty bitmaps.
-    pub has_bitmaps: bool,
+    /// Every bitmaps extension record, undecoded: opening an image to read its data
+    /// does not depend on them; `bitmaps.rs` validates them when bitmaps are asked for.
+    pub bitmaps: Vec<RawExtension>,
+}
+
+/// One header extension record kept as stored.
+#[derive(Debug, Clone)]
+pub(crate) struct RawExtension {
+    /// File offset of the record (its type field).
+    pub at: usize,
+    /// The extension data, without padding (at most a cluster).
+    pub data: Vec<u8>,
 }
 
 impl Extensions {
@@ -90,7 +101,7 @@ impl Extensions {
                         ));
                     }
                 }
-                BITMAPS => ext.has_bitmaps = true,
+                BITMAPS => ext.bitmaps.push(RawExtension { at, data: data.to_vec() }),
                 _ => {}
             }
             at = data_start + len.next_multiple_of(8);

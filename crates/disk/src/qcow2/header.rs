@@ -51,6 +51,13 @@ pub(crate) mod compatible {
     pub const LAZY_REFCOUNTS: u64 = 1 << 0;
 }
 
+/// Autoclear feature bits ("Header", bytes 88-95).
+pub(crate) mod autoclear {
+    /// The bitmaps extension is consistent: a writer that does not know bitmaps clears
+    /// it (as it must clear every autoclear bit it does not know) when it changes the image.
+    pub const BITMAPS: u64 = 1 << 0;
+}
+
 /// How compressed clusters are compressed ("Header", byte 104).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Compression {

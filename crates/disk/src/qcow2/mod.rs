@@ -17,10 +17,15 @@
 //! encryption, external data files, writing to existing images, internal snapshots
 //! other than the active state (they are ignored, as qemu-img convert does).
 //!
-//! Files: `header.rs` (header fields), `extension.rs` (header extensions),
+//! Persistent dirty bitmaps (the bitmaps extension) are read by [`qcow2_bitmaps`] and
+//! [`qcow2_bitmap_extents`], straight from the file: they need no open [`Qcow2Disk`].
+//!
+//! Files: `header.rs` (header fields), `extension.rs` (header extensions), `bitmaps.rs`
+//! (persistent dirty bitmaps),
 //! `geometry.rs` (cluster arithmetic), `l2.rs` (entry decoding), `cache.rs` (L2 cache),
 //! `compress.rs` (compressed clusters), `reader.rs`, `writer.rs`, `refcount.rs`.
 
+mod bitmaps;
 mod cache;
 mod compress;
 mod extension;
@@ -31,6 +36,7 @@ mod reader;
 mod refcount;
 mod writer;
 
+pub use bitmaps::{qcow2_bitmap_extents, qcow2_bitmaps, StoredBitmap};
 pub use header::MAGIC;
 pub use reader::Qcow2Disk;
 pub use writer::Qcow2Writer;

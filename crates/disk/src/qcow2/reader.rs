@@ -70,20 +70,7 @@ impl Qcow2Disk {
     pub fn open(file: ImageFile, options: &OpenOptions, seen: &mut Vec<PathBuf>) -> Result<Self> {
         let path = file.path().to_path_buf();
         let file_len = file.len()?;
-        // The header and its extensions live in the first cluster, whose size is in the
-        // header: read enough for the fixed fields, then the whole first cluster.
-        let mut first = vec![0u8; file_len.min(512) as usize];
-        file.read_exact_at(&mut first, 0)?;
-        if first.len() >= 24 && first[..4] == super::MAGIC {
-            let bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
-            if bits <= MAX_CLUSTER_BITS {
-                let want = file_len.min(1 << bits) as usize;
-                if want > first.len() {
-                    first = vec![0u8; want];
-                    file.read_exact_at(&mut first, 0)?;
-                }
-            }
-        }
+        let first = read_first_cluster(&file, file_len)?;
         let (header, extensions) = Header::parse(&first, &path)?;
         let backing_name = header.backing_name(&first, &path)?;
         let geometry = Geometry::new(header.cluster_bits, header.extended_l2());
@@ -244,6 +231,25 @@ impl Qcow2Disk {
     }
 }
 
+/// The first cluster of the file (or all of a shorter file), where the header and its
+/// extensions live. The cluster size is in the header: read enough for the fixed
+/// fields, then the whole first cluster if the size is one tern handles.
+pub(super) fn read_first_cluster(file: &ImageFile, file_len: u64) -> Result<Vec<u8>> {
+    let mut first = vec![0u8; file_len.min(512) as usize];
+    file.read_exact_at(&mut first, 0)?;
+    if first.len() >= 24 && first[..4] == super::MAGIC {
+        let bits = u32::from_be_bytes(first[20..24].try_into().expect("4 bytes"));
+        if bits <= MAX_CLUSTER_BITS {
+            let want = file_len.min(1 << bits) as usize;
+            if want > first.len() {
+                first = vec![0u8; want];
+                file.read_exact_at(&mut first, 0)?;
+            }
+        }
+    }
+    Ok(first)
+}
+
 /// Check the L1 table's place in the file and read the entries the virtual size needs.
 fn read_l1(file: &ImageFile, h: &Header, g: Geometry, file_len: u64) -> Result<Vec<u64>> {
     let needed = g.l1_entries_for(h.size) as usize;
@@ -354,7 +360,7 @@ impl Disk for Qcow2Disk {
         if h.nb_snapshots > 0 {
             details.push(("internal snapshots".into(), h.nb_snapshots.to_string()));
         }
-        if self.extensions.has_bitmaps {
+        if !self.extensions.bitmaps.is_empty() {
             details.push(("bitmaps".into(), "present".into()));
         }
         let backing = self.backing_name.as_ref().map(|name| BackingInfo {

@@ -224,3 +224,41 @@ pub fn testdata(subdir: &str) -> PathBuf {
     }
     dir
 }
+
+/// Where a qcow2 image keeps its persistent bitmaps, for tests that patch them: found
+/// by walking the header extensions and the directory as the qcow2 specification lays
+/// them out (big endian).
+#[derive(Debug)]
+pub struct BitmapLayout {
+    /// File offset of the bitmaps extension record (its type field; the data is at +8).
+    pub ext_at: usize,
+    pub dir_offset: u64,
+    pub dir_size: u64,
+    /// Per directory entry: (file offset of the entry, bitmap table offset, table size).
+    pub entries: Vec<(u64, u64, u32)>,
+}
+
+/// The bitmap layout of the qcow2 image `bytes` (panics if it has no bitmaps).
+pub fn qcow2_bitmap_layout(bytes: &[u8]) -> BitmapLayout {
+    let be32 = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    let be64 = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+    let mut at = be32(100) as usize;
+    loop {
+        let (kind, len) = (be32(at), be32(at + 4) as usize);
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            break;
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+    let (nb, dir_size, dir_offset) = (be32(at + 8), be64(at + 16), be64(at + 24));
+    let mut entries = Vec::new();
+    let mut e = dir_offset as usize;
+    for _ in 0..nb {
+        let name_size = u16::from_be_bytes(bytes[e + 18..e + 20].try_into().unwrap()) as usize;
+        let extra = be32(e + 20) as usize;
+        entries.push((e as u64, be64(e), be32(e + 8)));
+        e += (24 + extra + name_size).next_multiple_of(8);
+    }
+    BitmapLayout { ext_at: at, dir_offset, dir_size, entries }
+}
