@@ -51,6 +51,14 @@ pub enum VmCommand {
         /// starts a server of its own for each replication and stops it after.
         #[arg(long, value_name = "SOCKET", requires = "qmp")]
         nbd: Option<PathBuf>,
+        /// With --qmp: how each cut's frozen data leaves QEMU. pull: tern reads it from
+        /// read-only NBD exports (needs QEMU's one NBD server: tern's own, or --nbd);
+        /// push: QEMU copies it into local files beside tern's data (blockdev-backup),
+        /// for a QEMU whose NBD server tern cannot use; the initial replication then
+        /// needs free space for the disks' data. auto: pull, unless QEMU's NBD server
+        /// is already in use and --nbd is not given.
+        #[arg(long, value_enum, value_name = "MODE", default_value = "auto", requires = "qmp")]
+        mode: CutModeArg,
         /// Virtual CPUs, 1 to 1024 [default: 2, or what QEMU reports].
         #[arg(long)]
         cpus: Option<u32>,
@@ -126,9 +134,33 @@ impl DiskFormatArg {
     }
 }
 
+/// `vm add --mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CutModeArg {
+    /// Pull unless QEMU's NBD server is in use and --nbd is not given.
+    Auto,
+    /// tern reads NBD exports of QEMU's frozen views.
+    Pull,
+    /// QEMU copies each cut into local files.
+    Push,
+}
+
 pub fn run(g: &GlobalArgs, cmd: VmCommand) -> Result<ExitCode> {
     match cmd {
-        VmCommand::Add { name, disks, formats, qmp, nodes, nbd, cpus, memory, firmware, data, store } => {
+        VmCommand::Add {
+            name,
+            disks,
+            formats,
+            qmp,
+            nodes,
+            nbd,
+            mode,
+            cpus,
+            memory,
+            firmware,
+            data,
+            store,
+        } => {
             let engine = g.with(&data, None, Some(&store)).engine()?;
             let firmware = firmware.map(|f| match f {
                 FirmwareArg::Bios => Firmware::Bios,
@@ -140,6 +172,11 @@ pub fn run(g: &GlobalArgs, cmd: VmCommand) -> Result<ExitCode> {
                     qmp,
                     nodes,
                     nbd,
+                    push: match mode {
+                        CutModeArg::Auto => None,
+                        CutModeArg::Pull => Some(false),
+                        CutModeArg::Push => Some(true),
+                    },
                     cpus,
                     memory_bytes: memory.map(|m| m.bytes()),
                     firmware,
@@ -155,6 +192,14 @@ pub fn run(g: &GlobalArgs, cmd: VmCommand) -> Result<ExitCode> {
                     engine.vm_store_url(&vm)
                 );
                 let q = vm.qemu.as_ref().expect("a QEMU VM");
+                if q.push {
+                    outln!(
+                        "  cuts: push (QEMU copies each cut into local files{})",
+                        if mode == CutModeArg::Auto { ": its NBD server is in use" } else { "" }
+                    );
+                } else {
+                    outln!("  cuts: pull (tern reads NBD exports of QEMU's frozen views)");
+                }
                 for (i, (d, node)) in vm.disks.iter().zip(&q.nodes).enumerate() {
                     let fmt = d.format.map_or("?", |f| f.name());
                     outln!("  disk {i}: node {node} ({fmt}) {}", d.path.display());

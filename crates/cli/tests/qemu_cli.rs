@@ -1,6 +1,6 @@
 //! An operator replicating a VM that runs in QEMU, through the `tern` binary, typing
-//! the commands in the order a person types them: `vm add --qmp` (told what is
-//! missing when QEMU already runs an NBD server), `replicate` (the initial pass),
+//! the commands in the order a person types them: `vm add --qmp` (in pull mode told
+//! what is missing when QEMU already runs an NBD server), `replicate` (the initial pass),
 //! guest writes, `replicate` again (a delta cycle), `points`, `status`, `migrate`;
 //! then QEMU is killed and restarted, and `replicate` resyncs and says so. A real
 //! qemu-storage-daemon is the running VM; its NBD exports are the guest's write path.
@@ -18,9 +18,9 @@ fn an_operator_replicates_a_running_qemu_vm_in_cycles() {
     vm.write("disk0", "write -P 0x5a 0 6M");
     vm.write("disk1", "write -P 0x5b 1M 2M");
 
-    // QEMU already serves the guest over NBD: tern says what to add.
-    let err = fails(tern(&data).args(["vm", "add", "web", "--qmp"]).arg(&vm.qmp));
-    assert!(err.contains("--nbd"), "{err}");
+    // QEMU already serves the guest over NBD: in pull mode tern says what to add.
+    let err = fails(tern(&data).args(["vm", "add", "web", "--mode", "pull", "--qmp"]).arg(&vm.qmp));
+    assert!(err.contains("--nbd") && err.contains("push"), "{err}");
     let out = ok(tern(&data).args(["vm", "add", "web", "--qmp"]).arg(&vm.qmp).arg("--nbd").arg(&vm.nbd));
     assert!(out.contains("running in QEMU, 2 disk(s)"), "{out}");
     assert!(out.contains("node disk0 (qcow2)") && out.contains("node disk1 (raw)"), "{out}");

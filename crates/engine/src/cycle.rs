@@ -772,6 +772,10 @@ pub struct QemuVmSpec {
     pub nodes: Vec<String>,
     /// The socket of the NBD server already running in QEMU, if one is.
     pub nbd: Option<PathBuf>,
+    /// Push mode (QEMU copies each cut into local files) when `Some(true)`, pull mode
+    /// (tern reads NBD exports) when `Some(false)`; `None`: pull when an NBD server is
+    /// usable (`nbd`, or one tern can start), else push.
+    pub push: Option<bool>,
     /// vCPUs, memory and firmware when QEMU cannot tell (qemu-storage-daemon) or the
     /// user says otherwise.
     pub cpus: Option<u32>,
@@ -875,7 +879,12 @@ pub fn add_qemu_vm(engine: &Engine, spec: &QemuVmSpec) -> Result<VmDef> {
         firmware,
         disks,
         store_url: engine.explicit_store().map(String::from),
-        qemu: Some(crate::QemuSource { qmp: qmp_path.clone(), nbd: spec.nbd.clone(), nodes: nodes.clone() }),
+        qemu: Some(crate::QemuSource {
+            qmp: qmp_path.clone(),
+            nbd: spec.nbd.clone(),
+            nodes: nodes.clone(),
+            push: spec.push == Some(true),
+        }),
     }
     .validate()?;
     for other in engine.db().vm_list()? {
@@ -888,24 +897,34 @@ pub fn add_qemu_vm(engine: &Engine, spec: &QemuVmSpec) -> Result<VmDef> {
             }
         }
     }
-    // tern's exports need an NBD server: its own, or the one the user named.
+    if spec.push == Some(true) && spec.nbd.is_some() {
+        return Err(Error::invalid(
+            "push mode does not use an NBD server: give --nbd (pull mode) or push mode, not both",
+        ));
+    }
+    // Pull mode's exports need an NBD server: tern's own, or the one the user named.
     match &spec.nbd {
+        None if spec.push == Some(true) => {}
         None => {
             let dir = workdir(engine, &vm);
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
             let sock = dir.join("nbd.sock");
-            if !start_nbd(&mut qmp, &sock)? {
+            if start_nbd(&mut qmp, &sock)? {
+                let _ = qmp.execute("nbd-server-stop", None);
+            } else if spec.push.is_none() {
+                // QEMU's one NBD server is in use by someone else: QEMU pushes instead.
+                vm.qemu.as_mut().expect("set above").push = true;
+            } else {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(Error::new(
                     ErrorKind::Busy,
                     format!(
                         "QEMU at {} already runs an NBD server (a QEMU has one): give its UNIX socket with --nbd \
-                         so that tern adds its read-only exports there",
+                         so that tern adds its read-only exports there, or let QEMU push (--mode push)",
                         qmp_path.display()
                     ),
                 ));
             }
-            let _ = qmp.execute("nbd-server-stop", None);
         }
         Some(sock) => {
             vm.qemu.as_mut().expect("set above").nbd = Some(
@@ -913,6 +932,18 @@ pub fn add_qemu_vm(engine: &Engine, spec: &QemuVmSpec) -> Result<VmDef> {
                     .map_err(|e| Error::io(format!("NBD socket {}", sock.display()), e))?,
             );
         }
+    }
+    let schema = crate::qemu::caps::Schema::query(&mut qmp).map_err(qmp_err)?;
+    let push = vm.qemu.as_ref().expect("set above").push;
+    let missing = crate::qemu::caps::missing(&schema, push);
+    if !missing.is_empty() {
+        return Err(Error::invalid(format!(
+            "QEMU at {} ({}) lacks what tern needs{}: {}",
+            qmp_path.display(),
+            qmp.version(),
+            if push { " in push mode" } else { " in pull mode" },
+            missing.join(", ")
+        )));
     }
     engine.db().vm_add(&vm)?;
     Ok(vm)

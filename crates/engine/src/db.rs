@@ -142,7 +142,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE replication_disks_v4 RENAME TO replication_disks;
     "#,
     // Version 5: what happened to a VM's replication that outlives the pass (a
-    // resync and why, a backlog), for `tern status`.
+    // resync and why, a backlog), for `tern status`; disks read from a file QEMU
+    // pushed a cut into (`qemu-push`).
     r#"
     CREATE TABLE vm_events (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -152,6 +153,24 @@ const MIGRATIONS: &[&str] = &[
         message TEXT NOT NULL
     );
     CREATE INDEX vm_events_by_vm ON vm_events (vm_id, kind, id);
+    CREATE TABLE replication_disks_v5 (
+        vm_id TEXT NOT NULL,
+        point_id TEXT NOT NULL,
+        disk INTEGER NOT NULL,
+        source_path TEXT NOT NULL,
+        read_path TEXT NOT NULL,
+        snapshot_kind TEXT NOT NULL CHECK (snapshot_kind IN ('reflink', 'in-place', 'qemu-view', 'qemu-push')),
+        source_format TEXT NOT NULL,
+        virtual_size INTEGER NOT NULL,
+        bytes_done INTEGER NOT NULL DEFAULT 0,
+        bytes_uploaded INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'copying', 'done')),
+        PRIMARY KEY (vm_id, point_id, disk),
+        FOREIGN KEY (vm_id, point_id) REFERENCES replications(vm_id, point_id) ON DELETE CASCADE
+    );
+    INSERT INTO replication_disks_v5 SELECT * FROM replication_disks;
+    DROP TABLE replication_disks;
+    ALTER TABLE replication_disks_v5 RENAME TO replication_disks;
     "#,
 ];
 

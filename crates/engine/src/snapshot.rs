@@ -27,6 +27,9 @@ pub enum SnapshotKind {
     /// A running QEMU's frozen view of the disk, read over NBD (a `tern vm add --qmp`
     /// VM); taken down when the pass ends.
     QemuView,
+    /// A running QEMU's frozen data, copied by QEMU into a local qcow2 file (push
+    /// mode); deleted when the pass ends.
+    QemuPush,
 }
 
 impl SnapshotKind {
@@ -36,12 +39,13 @@ impl SnapshotKind {
             SnapshotKind::Reflink => "reflink",
             SnapshotKind::InPlace => "in-place",
             SnapshotKind::QemuView => "qemu-view",
+            SnapshotKind::QemuPush => "qemu-push",
         }
     }
 
     /// The kind a name from the state database stands for, if any.
     pub fn from_name(name: &str) -> Option<SnapshotKind> {
-        [SnapshotKind::Reflink, SnapshotKind::InPlace, SnapshotKind::QemuView]
+        [SnapshotKind::Reflink, SnapshotKind::InPlace, SnapshotKind::QemuView, SnapshotKind::QemuPush]
             .into_iter()
             .find(|k| k.name() == name)
     }

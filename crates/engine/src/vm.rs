@@ -88,6 +88,11 @@ pub struct QemuSource {
     pub nbd: Option<PathBuf>,
     /// The block node of each disk, in disk order.
     pub nodes: Vec<String>,
+    /// Push mode: QEMU copies each cut's frozen data into local files
+    /// (`blockdev-backup`) instead of tern reading it from an NBD export; for a QEMU
+    /// whose NBD server tern cannot use.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub push: bool,
 }
 
 /// Limits on what `vm add` accepts.

@@ -28,6 +28,7 @@ fn spec(vm: &support::Qsd, nbd: Option<PathBuf>) -> QemuVmSpec {
         cpus: None,
         memory_bytes: None,
         firmware: None,
+        push: None,
     }
 }
 
@@ -84,9 +85,9 @@ fn delta_cycles_ship_only_changes_and_every_point_is_the_guest_at_its_cut() {
     vm.guest("disk0", &["write -P 0x11 0 8M".into(), "write -P 0x12 20M 1M".into()]);
     vm.guest("disk1", &["write -P 0x21 1M 4M".into()]);
 
-    // qemu-storage-daemon already runs an NBD server (the guest's write path): without
-    // --nbd tern says so and registers nothing.
-    let e = add_qemu_vm(&h.engine, &spec(&vm, None)).unwrap_err();
+    // qemu-storage-daemon already runs an NBD server (the guest's write path): in pull
+    // mode without --nbd tern says so and registers nothing.
+    let e = add_qemu_vm(&h.engine, &QemuVmSpec { push: Some(false), ..spec(&vm, None) }).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
     assert!(e.to_string().contains("--nbd"), "{e}");
     assert!(h.engine.db().vm_list().unwrap().is_empty());
@@ -332,4 +333,54 @@ fn a_vm_started_while_its_images_are_scanned_commits_nothing() {
     let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
     assert_eq!(r.kind, PointKind::Delta);
     assert_eq!(migrate_point(&h, &r.point_id, &h.root.join("o")), vec![vm.guest_sha256("disk0")]);
+}
+
+#[test]
+fn in_push_mode_qemu_copies_each_cut_out_and_every_point_is_the_guest_at_its_cut() {
+    // qemu-storage-daemon's NBD server serves the guest: without --nbd, tern lets
+    // QEMU push each cut into local files (blockdev-backup) instead of reading exports.
+    let h = support::host();
+    let vm = support::Qsd::start(&[("qcow2", "24M"), ("raw", "16M")]);
+    vm.guest("disk0", &["write -P 0x11 0 6M".into(), "write -P 0x12 20M 1M".into()]);
+    vm.guest("disk1", &["write -P 0x21 1M 4M".into()]);
+    let def = add_qemu_vm(&h.engine, &spec(&vm, None)).unwrap();
+    assert!(def.qemu.as_ref().unwrap().push, "an NBD server in use: push mode");
+    let opts = ReplicateOptions { threads: 2, ..Default::default() };
+    let first = support::run_replicate(&h.engine, "web", &opts).unwrap();
+    assert_eq!(first.kind, PointKind::Full);
+    assert_eq!(first.disks[0].snapshot, tern_engine::snapshot::SnapshotKind::QemuPush);
+    let sums = |vm: &support::Qsd| vec![vm.guest_sha256("disk0"), vm.guest_sha256("disk1")];
+    assert_eq!(migrate_point(&h, &first.point_id, &h.root.join("o0")), sums(&vm));
+
+    // Data, zeros over data, a discard, an unaligned write: each cycle ships exactly
+    // the clusters the bitmap recorded (64 KiB granules).
+    let rounds: [(&[&str], &[&str]); 3] = [
+        (&["write -P 0x31 3M 64k", "write -z 20M 64k"], &["discard 1M 64k"]),
+        (&["write -P 0x32 100k 5k"], &[]),
+        (&[], &["write -P 0x41 15M 1M"]),
+    ];
+    for (n, (a, b)) in rounds.iter().enumerate() {
+        if !a.is_empty() {
+            vm.guest("disk0", &a.iter().map(|c| c.to_string()).collect::<Vec<_>>());
+        }
+        if !b.is_empty() {
+            vm.guest("disk1", &b.iter().map(|c| c.to_string()).collect::<Vec<_>>());
+        }
+        let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
+        assert_eq!(r.kind, PointKind::Delta, "round {n}");
+        println!("round {n}: changed {:?}", r.disks.iter().map(|d| d.changed_bytes).collect::<Vec<_>>());
+        assert_eq!(
+            migrate_point(&h, &r.point_id, &h.root.join(format!("o{}", n + 1))),
+            sums(&vm),
+            "round {n}"
+        );
+    }
+    // Nothing of tern's stays in QEMU but the bitmap of the next cycle, and no pushed
+    // file stays on the host.
+    let left = tern_objects(&vm);
+    assert!(left.iter().all(|o| o.starts_with("bitmap tern-")), "{left:?}");
+    let work = h.root.join("data/tracking");
+    let files: Vec<_> =
+        support::walk(&work).into_iter().filter(|p| p.to_string_lossy().contains("tern-push")).collect();
+    assert!(files.is_empty(), "{files:?}");
 }

@@ -155,3 +155,18 @@ fn peers_that_are_not_qmp_get_clear_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn the_schema_says_this_qemu_has_what_both_modes_need() {
+    use tern_engine::qemu::caps::{missing, Schema};
+    let d = start();
+    let mut q = connect(&d.qmp);
+    let schema = Schema::query(&mut q).unwrap();
+    assert!(schema.has_command("blockdev-backup"));
+    assert!(!schema.has_command("tern-no-such-command"));
+    assert!(schema.has_argument("block-export-add", "bitmaps"), "the NBD export's bitmaps member");
+    assert!(schema.has_argument("block-dirty-bitmap-merge", "node"));
+    assert!(!schema.has_argument("block-export-add", "tern-no-such-member"));
+    assert_eq!(missing(&schema, false), Vec::<String>::new(), "pull mode on {}", q.version());
+    assert_eq!(missing(&schema, true), Vec::<String>::new(), "push mode on {}", q.version());
+}

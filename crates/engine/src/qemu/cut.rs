@@ -72,7 +72,7 @@ pub fn bitmap_name(vm: &str, seq: u64) -> String {
     format!("tern-{vm}-{seq}")
 }
 
-fn node_size(qmp: &mut Qmp, node: &str) -> Result<u64, QmpError> {
+pub(crate) fn node_size(qmp: &mut Qmp, node: &str) -> Result<u64, QmpError> {
     let nodes = qmp.execute("query-named-block-nodes", Some(json!({ "flat": true })))?;
     nodes
         .as_array()

@@ -1,7 +1,9 @@
 //! The QEMU tracking source's host side: QMP, QEMU's JSON control protocol, over a
 //! UNIX socket, and the cut built on it. See `docs/continuous.md`.
 
+pub mod caps;
 pub mod cut;
+pub mod push;
 pub mod qmp;
 pub mod source;
 pub mod stage;

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::json;
 
 use super::cut::{bitmap_name, FrozenCut};
+use super::push::{PushCut, CHANGES_BITMAP};
 use super::{NbdEndpoint, QemuDisk, Qmp, Tracker};
 use crate::changelog::LogHeader;
 use crate::cycle::qmp_err;
@@ -26,6 +27,8 @@ pub struct QemuSource {
     /// Per disk: the node's driver (`qcow2`, `raw`, ...).
     formats: Vec<String>,
     started_nbd: bool,
+    /// Push mode (see [`super::push`]).
+    push: bool,
 }
 
 /// A cut of a QEMU VM: its frozen views, or the views a killed initial replication
@@ -34,7 +37,10 @@ pub struct QemuCut {
     seq: u64,
     instant: SystemTime,
     disks: Vec<CutDisk>,
+    /// Pull mode: the views QEMU holds.
     frozen: Option<FrozenCut>,
+    /// Push mode: the files QEMU copied the cut into.
+    pushed: Option<PushCut>,
 }
 
 impl Cut for QemuCut {
@@ -109,8 +115,8 @@ impl QemuSource {
             nbd: NbdEndpoint { socket: socket.clone() },
             test_stagger,
         };
-        let mut src = QemuSource { qmp, tracker, formats, started_nbd: false };
-        if q.nbd.is_none() {
+        let mut src = QemuSource { qmp, tracker, formats, started_nbd: false, push: q.push };
+        if q.nbd.is_none() && !q.push {
             // A server tern started for a pass that was killed is still there,
             // listening on tern's own socket: it is reused, and stopped at the end.
             if !start_nbd(&mut src.qmp, &socket)? && std::os::unix::net::UnixStream::connect(&socket).is_err()
@@ -157,38 +163,56 @@ impl TrackingSource for QemuSource {
     }
 
     fn clean_leftovers(&mut self) -> Result<()> {
+        super::push::take_down(&mut self.qmp, &self.tracker.vm, self.tracker.disks.len()).map_err(qmp_err)?;
+        if let Ok(dir) = std::fs::read_dir(&self.tracker.workdir) {
+            let prefix = format!("tern-push-{}-", self.tracker.vm);
+            for e in dir.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         self.tracker.clean_leftovers(&mut self.qmp).map_err(qmp_err)
     }
 
     fn resume(&mut self, seq: u64, disks: &[ReplicationDiskRow]) -> Result<Option<QemuCut>> {
-        // QEMU still holds the views: every disk's export, and bitmap `seq` (started
-        // at that view).
-        let exports = self.qmp.execute("query-block-exports", None).map_err(qmp_err)?;
+        if disks.len() != self.tracker.disks.len() {
+            return Ok(None);
+        }
+        // Bitmap `seq` (started at the cut) must still track every disk, and the cut's
+        // data must still be there: QEMU's views (pull), or the files QEMU pushed.
         let bitmap = bitmap_name(&self.tracker.vm, seq);
-        for (i, d) in self.tracker.disks.iter().enumerate() {
-            let id = format!("tern-export-{}-{i}", self.tracker.vm);
-            if !exports.as_array().is_some_and(|a| a.iter().any(|x| x["id"] == id.as_str())) {
-                return Ok(None);
-            }
+        for d in &self.tracker.disks {
             let bitmaps = super::bitmaps(&mut self.qmp, &d.node).map_err(qmp_err)?;
             if !bitmaps.iter().any(|b| b.name == bitmap && !b.inconsistent) {
                 return Ok(None);
             }
         }
-        if disks.len() != self.tracker.disks.len() {
-            return Ok(None);
+        let kind = if self.push { SnapshotKind::QemuPush } else { SnapshotKind::QemuView };
+        if self.push {
+            if !disks.iter().all(|d| d.snapshot_kind == kind.name() && d.read_path.is_file()) {
+                return Ok(None);
+            }
+        } else {
+            let exports = self.qmp.execute("query-block-exports", None).map_err(qmp_err)?;
+            for i in 0..self.tracker.disks.len() {
+                let id = format!("tern-export-{}-{i}", self.tracker.vm);
+                if !exports.as_array().is_some_and(|a| a.iter().any(|x| x["id"] == id.as_str())) {
+                    return Ok(None);
+                }
+            }
         }
         let disks = disks
             .iter()
             .map(|d| CutDisk {
                 size: d.virtual_size,
                 read_path: d.read_path.clone(),
-                snapshot: SnapshotKind::QemuView,
+                snapshot: kind,
                 format: d.source_format.clone(),
                 warning: None,
             })
             .collect();
-        Ok(Some(QemuCut { seq, instant: SystemTime::now(), disks, frozen: None }))
+        Ok(Some(QemuCut { seq, instant: SystemTime::now(), disks, frozen: None, pushed: None }))
     }
 
     fn restore(&mut self, seq: u64) -> Result<Tracked> {
@@ -208,12 +232,36 @@ impl TrackingSource for QemuSource {
     }
 
     fn cut(&mut self, seq: u64, first: bool) -> Result<QemuCut> {
+        if self.push {
+            let pushed = super::push::cut(&mut self.qmp, &self.tracker, seq, first).map_err(qmp_err)?;
+            let disks = pushed
+                .disks
+                .iter()
+                .map(|d| CutDisk {
+                    size: d.size,
+                    read_path: d.file.clone(),
+                    snapshot: SnapshotKind::QemuPush,
+                    format: "qcow2".into(),
+                    warning: None,
+                })
+                .collect();
+            return Ok(QemuCut { seq, instant: pushed.instant, disks, frozen: None, pushed: Some(pushed) });
+        }
         let frozen = self.tracker.cut(&mut self.qmp, seq, first).map_err(qmp_err)?;
         let disks = self.cut_disks(&frozen);
-        Ok(QemuCut { seq, instant: frozen.instant, disks, frozen: Some(frozen) })
+        Ok(QemuCut { seq, instant: frozen.instant, disks, frozen: Some(frozen), pushed: None })
     }
 
     fn changes(&mut self, cut: &QemuCut, disk: usize, _dir: &Path, _header: LogHeader) -> Result<Changes> {
+        if let Some(p) = &cut.pushed {
+            let d = &p.disks[disk];
+            if !d.changed {
+                return Ok(Changes::Unknown);
+            }
+            let extents = tern_disk::qcow2_bitmap_extents(&d.file, CHANGES_BITMAP)
+                .map_err(|e| Error::from(e).context(format!("disk {disk}: the bitmap QEMU pushed")))?;
+            return Ok(Changes::Extents(extents));
+        }
         let Some(f) = cut.frozen.as_ref().map(|c| &c.disks[disk]) else { return Ok(Changes::Unknown) };
         let Some(bitmap) = &f.bitmap else { return Ok(Changes::Unknown) };
         let socket = &cut.frozen.as_ref().expect("checked").nbd.socket;
@@ -222,6 +270,11 @@ impl TrackingSource for QemuSource {
     }
 
     fn verify(&mut self, cut: &QemuCut) -> Result<()> {
+        if cut.frozen.is_none() {
+            // Pushed files (or a killed run's, found again): QEMU finished copying
+            // before the cut returned; nothing of it can change since.
+            return Ok(());
+        }
         // A view holds while its copy-before-write job runs: a job that failed (its
         // overlay's file system full, say) or went away leaves a view that no longer
         // reads the disk as of the cut.
@@ -251,6 +304,12 @@ impl TrackingSource for QemuSource {
     }
 
     fn release(&mut self, cut: &mut QemuCut) -> Result<()> {
+        if self.push {
+            for d in &cut.disks {
+                let _ = std::fs::remove_file(&d.read_path);
+            }
+            return Ok(());
+        }
         match &mut cut.frozen {
             Some(f) => f.release(&mut self.qmp).map_err(qmp_err),
             // The views of a killed run, found again: taken down by name.
@@ -259,7 +318,8 @@ impl TrackingSource for QemuSource {
     }
 
     fn keeps_failed_cut(&self) -> bool {
-        false
+        // Pushed files are local copies QEMU no longer holds; a view slows the guest.
+        self.push
     }
 
     fn committed(&mut self, seq: u64) -> Result<()> {

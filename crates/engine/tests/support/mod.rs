@@ -232,6 +232,7 @@ impl Qsd {
             cpus: None,
             memory_bytes: None,
             firmware: None,
+            push: None,
         }
     }
 
