@@ -318,3 +318,33 @@ fn bitmaps_written_by_qemu_7_2_read_the_same() {
     assert_eq!(extents(&img, "off"), vec![]);
     assert_lists_like_qemu(&img);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 16, ..Default::default() })]
+
+    /// Random writes on a disk of random size (whole sectors) with a random cluster size
+    /// and granularity: the extents are the writes rounded out, whatever the shape.
+    #[test]
+    fn random_writes_are_the_extents_of_every_enabled_bitmap(
+        cluster_bits in 9u32..17,
+        granularity_bits in 9u32..21,
+        sectors in 1u64..40_000,
+        writes in proptest::collection::vec((0u64..20 * MIB, 1u64..300 * KIB), 0..12),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let size = sectors * 512;
+        let img = create(dir.path(), "p.qcow2", Some(1 << cluster_bits), size);
+        add(&img, "b", Some(1 << granularity_bits), true);
+        add(&img, "fine", Some(512), true);
+        let writes: Vec<(u64, u64)> = writes
+            .into_iter()
+            .map(|(o, l)| (o % size, l))
+            .map(|(o, l)| (o, l.min(size - o)))
+            .collect();
+        if !writes.is_empty() {
+            write(&img, &writes);
+        }
+        proptest::prop_assert_eq!(extents(&img, "b"), rounded(&writes, 1 << granularity_bits, size));
+        proptest::prop_assert_eq!(extents(&img, "fine"), rounded(&writes, 512, size));
+    }
+}

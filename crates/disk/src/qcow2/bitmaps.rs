@@ -43,6 +43,7 @@ use std::path::Path;
 
 use super::extension::RawExtension;
 use super::header::{autoclear, Header};
+use super::l2::HostOffset;
 use super::reader::read_first_cluster;
 use crate::io::ImageFile;
 use crate::{Error, Result};
@@ -316,7 +317,7 @@ impl Image {
         let mut data = vec![0u8; cluster as usize];
         let per_read = cluster / 8;
         // At most one entry per cluster of data (512 MiB at most, see the directory checks).
-        let mut used: HashSet<u64> = HashSet::new();
+        let mut used: HashSet<HostOffset> = HashSet::new();
         let mut index = 0u64;
         while index < want {
             let n = per_read.min(want - index);
@@ -338,12 +339,13 @@ impl Image {
                             return Err(Error::corrupt(
                                 path,
                                 format!(
-                                    "bitmap {name:?}: bitmap table entry {i} (at offset {:#x}) points to the data cluster at {host:#x}, which an earlier entry uses",
-                                    entry.table_offset + i * 8
+                                    "bitmap {name:?}: bitmap table entry {i} (at offset {:#x}) points to the data cluster at {:#x}, which an earlier entry uses",
+                                    entry.table_offset + i * 8,
+                                    host.0
                                 ),
                             ));
                         }
-                        self.file.read_at_zero_fill(&mut data, host)?;
+                        self.file.read_at_zero_fill(&mut data, host.0)?;
                         out.push_cluster(&data, first_bit);
                     }
                 }
@@ -355,7 +357,7 @@ impl Image {
 
     /// The host offset of data cluster `i` of `entry`'s table entry `e`, checked; `None`
     /// for an unallocated (all zeros or all ones) cluster.
-    fn data_cluster(&self, entry: &Entry, i: u64, e: u64) -> Result<Option<u64>> {
+    fn data_cluster(&self, entry: &Entry, i: u64, e: u64) -> Result<Option<HostOffset>> {
         let bad = |what: String| {
             Error::corrupt(
                 self.path(),
@@ -388,7 +390,7 @@ impl Image {
                 self.file_len
             )));
         }
-        Ok(Some(host))
+        Ok(Some(HostOffset(host)))
     }
 }
 
