@@ -61,8 +61,14 @@ pub fn exercise_target(data: &[u8], target: Target) {
         std::fs::write(keep, &bytes).expect("write TERN_FUZZ_KEEP copy");
     }
     let options = OpenOptions { format: target.format, writable: target.writable, ..OpenOptions::default() };
-    let Ok(disk) = open_disk(&path, &options) else { return };
-    walk::walk(disk.as_ref());
+    let disk = open_disk(&path, &options);
+    if let Ok(disk) = &disk {
+        walk::walk(disk.as_ref());
+    }
+    // Bitmaps are read from the header on, whether or not the data tables are sound.
+    if target.format == Some(Format::Qcow2) || bytes.starts_with(&tern_disk::qcow2::MAGIC) {
+        walk::walk_qcow2_bitmaps(&path, disk.ok().map(|d| d.virtual_size()));
+    }
 }
 
 /// Checksum repair, from the layouts the library documents (VHD specification "Hard

@@ -5,7 +5,10 @@
 //! Map and read the whole disk within fixed budgets (a hostile image that claims a huge
 //! disk must not turn one input into a timeout), asserting the `Disk` invariants: every
 //! mapping starts where asked, is non-empty and inside the disk, and what is not data
-//! reads as zero (no backing file is ever opened here).
+//! reads as zero (no backing file is ever opened here). qcow2 inputs also get their
+//! persistent bitmaps listed and read ([`walk_qcow2_bitmaps`]).
+
+use std::path::Path;
 
 use tern_disk::{Disk, MapKind};
 
@@ -39,5 +42,24 @@ pub fn walk(disk: &dyn Disk) {
     if size > 0 {
         let n = size.min(4096) as usize;
         let _ = disk.read_at(&mut buf[..n], size - n as u64);
+    }
+}
+
+/// List the persistent bitmaps of the qcow2 image at `path` and read every one that may
+/// be read, asserting that the extents are sorted, disjoint, merged and within
+/// `virtual_size` (when the image opened as a disk). Errors are fine; panics are not.
+pub fn walk_qcow2_bitmaps(path: &Path, virtual_size: Option<u64>) {
+    let Ok(bitmaps) = tern_disk::qcow2_bitmaps(path) else { return };
+    for b in bitmaps {
+        let Ok(runs) = tern_disk::qcow2_bitmap_extents(path, &b.name) else { continue };
+        assert!(runs.iter().all(|r| r.start < r.end), "bitmap {:?}: an empty run", b.name);
+        assert!(
+            runs.windows(2).all(|w| w[0].end < w[1].start),
+            "bitmap {:?}: runs not sorted and merged",
+            b.name
+        );
+        if let (Some(size), Some(last)) = (virtual_size, runs.last()) {
+            assert!(last.end <= size, "bitmap {:?}: run {last:?} past the virtual size {size}", b.name);
+        }
     }
 }

@@ -122,6 +122,7 @@ fn qcow2_hostile_bitmap_metadata_is_refused_with_a_clear_error() {
     let good = std::fs::read(&img).unwrap();
     let l = common::qcow2_bitmap_layout(&good);
     assert_eq!(qcow2_bitmap_extents(&img, "b").unwrap(), vec![MIB..MIB + 64 * 1024]);
+    walk::walk_qcow2_bitmaps(&img, Some(64 * MIB));
     let ext = l.ext_at + 8;
     let (entry, table, _) = l.entries[0];
     let (entry, table) = (entry as usize, table as usize);
@@ -187,5 +188,25 @@ fn qcow2_hostile_bitmap_metadata_is_refused_with_a_clear_error() {
         assert!(e.to_string().contains("hostile.qcow2") && e.to_string().contains(says), "{what}: {e}");
         exercise(&path, Format::Qcow2, false)
             .unwrap_or_else(|e| panic!("{what}: the data no longer reads: {e}"));
+        walk::walk_qcow2_bitmaps(&path, None);
     }
+
+    // Two table entries naming one data cluster: refused, not read twice.
+    let img = dir.path().join("small.qcow2");
+    let p = img.to_str().unwrap();
+    common::qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p, "64M"]);
+    common::qemu_img(&["bitmap", "--add", "--granularity", "512", p, "b"]);
+    // One data cluster holds 4096 bits, 2 MiB of disk: these land in entries 0 and 2.
+    common::qemu_io("qcow2", &img, &["write 0 512", "write 4M 512"]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let (_, table, table_size) = common::qcow2_bitmap_layout(&bytes).entries[0];
+    assert_eq!(table_size, 32);
+    let table = table as usize;
+    let first: [u8; 8] = bytes[table..table + 8].try_into().unwrap();
+    assert_ne!(bytes[table + 16..table + 24], [0; 8], "entry 2 holds data");
+    bytes[table + 16..table + 24].copy_from_slice(&first);
+    std::fs::write(&img, &bytes).unwrap();
+    let e = qcow2_bitmap_extents(&img, "b").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("which an earlier entry uses"), "{e}");
 }

@@ -318,3 +318,73 @@ fn bitmaps_written_by_qemu_7_2_read_the_same() {
     assert_eq!(extents(&img, "off"), vec![]);
     assert_lists_like_qemu(&img);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 16, ..Default::default() })]
+
+    /// Random writes on a disk of random size (whole sectors) with a random cluster size
+    /// and granularity: the extents are the writes rounded out, whatever the shape.
+    #[test]
+    fn random_writes_are_the_extents_of_every_enabled_bitmap(
+        cluster_bits in 9u32..17,
+        granularity_bits in 9u32..21,
+        sectors in 1u64..40_000,
+        writes in proptest::collection::vec((0u64..20 * MIB, 1u64..300 * KIB), 0..12),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let size = sectors * 512;
+        let img = create(dir.path(), "p.qcow2", Some(1 << cluster_bits), size);
+        add(&img, "b", Some(1 << granularity_bits), true);
+        add(&img, "fine", Some(512), true);
+        let writes: Vec<(u64, u64)> = writes
+            .into_iter()
+            .map(|(o, l)| (o % size, l))
+            .map(|(o, l)| (o, l.min(size - o)))
+            .collect();
+        if !writes.is_empty() {
+            write(&img, &writes);
+        }
+        proptest::prop_assert_eq!(extents(&img, "b"), rounded(&writes, 1 << granularity_bits, size));
+        proptest::prop_assert_eq!(extents(&img, "fine"), rounded(&writes, 512, size));
+    }
+}
+
+/// Extra data in a directory entry is allowed by the specification (QEMU refuses any):
+/// the bitmap is listed, and read only when `extra_data_compatible` (flag bit 2) says
+/// it may be used. Patched in by moving the name behind 8 bytes of extra data.
+#[test]
+fn extra_data_is_skipped_and_honours_extra_data_compatible() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "a.qcow2", None, 64 * MIB);
+    add(&img, "b", None, true);
+    let writes = write(&img, &[(3 * MIB, 1)]);
+    let good = std::fs::read(&img).unwrap();
+    let l = common::qcow2_bitmap_layout(&good);
+    let e = l.entries[0].0 as usize;
+    assert_eq!(l.dir_size, 32, "one entry: 24 bytes, the name \"b\", padding");
+    let with_extra = |flags: u32| {
+        let mut b = good.clone();
+        // The directory may end the file: the longer entry lengthens it.
+        b.resize(b.len().max(e + 40), 0);
+        b[e + 12..e + 16].copy_from_slice(&flags.to_be_bytes());
+        b[e + 20..e + 24].copy_from_slice(&8u32.to_be_bytes());
+        b[e + 24..e + 32].copy_from_slice(b"extra\0\0\0");
+        b[e + 32..e + 40].copy_from_slice(b"b\0\0\0\0\0\0\0");
+        b[l.ext_at + 16..l.ext_at + 24].copy_from_slice(&40u64.to_be_bytes());
+        let p = dir.path().join(format!("extra-{flags}.qcow2"));
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let auto = 1 << 1;
+    let refused = with_extra(auto);
+    let listed = qcow2_bitmaps(&refused).unwrap();
+    assert_eq!(
+        listed,
+        vec![StoredBitmap { name: "b".into(), granularity: 64 * KIB, in_use: false, auto: true }]
+    );
+    let err = qcow2_bitmap_extents(&refused, "b").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("extra_data_compatible"), "{err}");
+    let usable = with_extra(auto | 1 << 2);
+    assert_eq!(extents(&usable, "b"), rounded(&writes, 64 * KIB, 64 * MIB));
+}

@@ -32,8 +32,10 @@
 //! specification leaves room: directory and tables cluster aligned, past the header
 //! cluster and inside the file, the table exactly as long as the virtual size and
 //! granularity need, names UTF-8, unique and at most 1023 bytes. Memory stays bounded:
-//! the directory is at most 64 MiB and inside the file, and bitmap tables and data are
-//! read one cluster at a time.
+//! the directory is at most 64 MiB and inside the file, bitmap tables and data are read
+//! one cluster at a time, and no data cluster may serve two table entries, so the
+//! extents returned grow with the bitmap data actually in the file (at worst one range
+//! per two bits of it), never with what a header claims.
 
 use std::collections::HashSet;
 use std::ops::Range;
@@ -41,6 +43,7 @@ use std::path::Path;
 
 use super::extension::RawExtension;
 use super::header::{autoclear, Header};
+use super::l2::HostOffset;
 use super::reader::read_first_cluster;
 use crate::io::ImageFile;
 use crate::{Error, Result};
@@ -313,6 +316,8 @@ impl Image {
         let mut table_buf = vec![0u8; cluster as usize];
         let mut data = vec![0u8; cluster as usize];
         let per_read = cluster / 8;
+        // At most one entry per cluster of data (512 MiB at most, see the directory checks).
+        let mut used: HashSet<HostOffset> = HashSet::new();
         let mut index = 0u64;
         while index < want {
             let n = per_read.min(want - index);
@@ -328,7 +333,19 @@ impl Image {
                     }
                     None => {}
                     Some(host) => {
-                        self.file.read_at_zero_fill(&mut data, host)?;
+                        // QEMU gives every data cluster to one table entry. A cluster
+                        // used again would let a small file describe a huge bitmap.
+                        if !used.insert(host) {
+                            return Err(Error::corrupt(
+                                path,
+                                format!(
+                                    "bitmap {name:?}: bitmap table entry {i} (at offset {:#x}) points to the data cluster at {:#x}, which an earlier entry uses",
+                                    entry.table_offset + i * 8,
+                                    host.0
+                                ),
+                            ));
+                        }
+                        self.file.read_at_zero_fill(&mut data, host.0)?;
                         out.push_cluster(&data, first_bit);
                     }
                 }
@@ -340,7 +357,7 @@ impl Image {
 
     /// The host offset of data cluster `i` of `entry`'s table entry `e`, checked; `None`
     /// for an unallocated (all zeros or all ones) cluster.
-    fn data_cluster(&self, entry: &Entry, i: u64, e: u64) -> Result<Option<u64>> {
+    fn data_cluster(&self, entry: &Entry, i: u64, e: u64) -> Result<Option<HostOffset>> {
         let bad = |what: String| {
             Error::corrupt(
                 self.path(),
@@ -373,7 +390,7 @@ impl Image {
                 self.file_len
             )));
         }
-        Ok(Some(host))
+        Ok(Some(HostOffset(host)))
     }
 }
 
