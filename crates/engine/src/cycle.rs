@@ -792,14 +792,18 @@ pub fn add_qemu_vm(engine: &Engine, spec: &QemuVmSpec) -> Result<VmDef> {
     let mut qmp = Qmp::connect(&qmp_path, QMP_TIMEOUT).map_err(qmp_err)?;
     let block = qmp.execute("query-block", None).map_err(qmp_err)?;
     let devices: Vec<&serde_json::Value> = block.as_array().map(|a| a.iter().collect()).unwrap_or_default();
-    let uefi = devices.iter().any(|d| d["device"].as_str().is_some_and(|n| n.starts_with("pflash")));
+    // A pflash drive given with -drive if=pflash is named pflash0; given as libvirt
+    // does (-blockdev, -machine pflash0=NODE) it has no name and its qdev path says.
+    let pflash = |d: &&serde_json::Value| {
+        d["device"].as_str().is_some_and(|n| n.starts_with("pflash"))
+            || d["qdev"].as_str().is_some_and(|q| q.starts_with("/machine/system.flash"))
+    };
+    let uefi = devices.iter().any(pflash);
     let mut nodes = spec.nodes.clone();
     if nodes.is_empty() {
         nodes = devices
             .iter()
-            .filter(|d| {
-                d["removable"] != true && !d["device"].as_str().is_some_and(|n| n.starts_with("pflash"))
-            })
+            .filter(|d| d["removable"] != true && !pflash(d))
             .filter_map(|d| d["inserted"]["node-name"].as_str().map(String::from))
             .collect();
     }
