@@ -867,7 +867,8 @@ pub fn add_qemu_vm(engine: &Engine, spec: &QemuVmSpec) -> Result<VmDef> {
         None => qmp
             .execute("query-memory-size-summary", None)
             .ok()
-            .and_then(|v| v["base-memory"].as_u64())
+            // The guest's memory: the boot memory and any DIMMs plugged in.
+            .and_then(|v| v["base-memory"].as_u64()?.checked_add(v["plugged-memory"].as_u64().unwrap_or(0)))
             .unwrap_or(2 << 30),
     };
     let firmware = spec.firmware.unwrap_or(if uefi { crate::Firmware::Uefi } else { crate::Firmware::Bios });
