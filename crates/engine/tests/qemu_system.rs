@@ -262,3 +262,18 @@ fn pflash_drives_mean_uefi_and_are_not_disks() {
         assert_eq!(def.firmware, Firmware::Uefi, "-{style}: query-block {seen:?}");
     }
 }
+
+/// The guest's memory is its boot memory and the DIMMs plugged into it.
+#[test]
+fn plugged_memory_counts() {
+    let dimm: Vec<String> = ["-m", "256,slots=2,maxmem=1G", "-object", "memory-backend-ram,id=m1,size=128M"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["-device".into(), "pc-dimm,memdev=m1".into()])
+        .collect();
+    let vm = support::QemuSystem::start(&[("qcow2", "16M")], &dimm);
+    let h = support::host();
+    let def = add_qemu_vm(&h.engine, &vm.spec("vm")).unwrap();
+    assert_eq!(def.memory_bytes, 384 * MIB, "{}", vm.qmp("query-memory-size-summary", None));
+    assert_eq!(def.cpus, 2);
+}
