@@ -796,14 +796,18 @@ pub fn add_qemu_vm(engine: &Engine, spec: &QemuVmSpec) -> Result<VmDef> {
     let mut qmp = Qmp::connect(&qmp_path, QMP_TIMEOUT).map_err(qmp_err)?;
     let block = qmp.execute("query-block", None).map_err(qmp_err)?;
     let devices: Vec<&serde_json::Value> = block.as_array().map(|a| a.iter().collect()).unwrap_or_default();
-    let uefi = devices.iter().any(|d| d["device"].as_str().is_some_and(|n| n.starts_with("pflash")));
+    // A pflash drive given with -drive if=pflash is named pflash0; given as libvirt
+    // does (-blockdev, -machine pflash0=NODE) it has no name and its qdev path says.
+    let pflash = |d: &&serde_json::Value| {
+        d["device"].as_str().is_some_and(|n| n.starts_with("pflash"))
+            || d["qdev"].as_str().is_some_and(|q| q.starts_with("/machine/system.flash"))
+    };
+    let uefi = devices.iter().any(pflash);
     let mut nodes = spec.nodes.clone();
     if nodes.is_empty() {
         nodes = devices
             .iter()
-            .filter(|d| {
-                d["removable"] != true && !d["device"].as_str().is_some_and(|n| n.starts_with("pflash"))
-            })
+            .filter(|d| d["removable"] != true && !pflash(d))
             .filter_map(|d| d["inserted"]["node-name"].as_str().map(String::from))
             .collect();
     }
@@ -867,7 +871,8 @@ pub fn add_qemu_vm(engine: &Engine, spec: &QemuVmSpec) -> Result<VmDef> {
         None => qmp
             .execute("query-memory-size-summary", None)
             .ok()
-            .and_then(|v| v["base-memory"].as_u64())
+            // The guest's memory: the boot memory and any DIMMs plugged in.
+            .and_then(|v| v["base-memory"].as_u64()?.checked_add(v["plugged-memory"].as_u64().unwrap_or(0)))
             .unwrap_or(2 << 30),
     };
     let firmware = spec.firmware.unwrap_or(if uefi { crate::Firmware::Uefi } else { crate::Firmware::Bios });

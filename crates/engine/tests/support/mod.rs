@@ -290,3 +290,174 @@ impl Drop for Qsd {
         let _ = self.child.wait();
     }
 }
+
+/// Where scripts/deps unpacks a qemu-system-x86_64 of the installed qemu-utils'
+/// version unless `$TERN_QEMU_SYSTEM_DIR` says otherwise.
+const QEMU_SYSTEM_DIR: &str = "/var/cache/tern-test/qemu-system";
+
+/// The qemu-system-x86_64 the real-VM tests run: `$TERN_QEMU_SYSTEM` (scripts/test
+/// names Debian 12's 7.2 there for its second run), else one on PATH, else the one of
+/// the installed qemu-utils' version that scripts/deps unpacks. Panics saying so when
+/// there is none: a missing emulator is not a pass.
+pub fn qemu_system_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("TERN_QEMU_SYSTEM") {
+        return bin.into();
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.is_file());
+    if let Some(bin) = on_path {
+        return bin;
+    }
+    let dir =
+        std::env::var_os("TERN_QEMU_SYSTEM_DIR").map(PathBuf::from).unwrap_or_else(|| QEMU_SYSTEM_DIR.into());
+    let bin = dir.join("bin/qemu-system-x86_64");
+    assert!(
+        bin.is_file(),
+        "no qemu-system-x86_64: not in $TERN_QEMU_SYSTEM, not on PATH, not at {}; run scripts/deps (it \
+         unpacks one into {QEMU_SYSTEM_DIR}, or into $TERN_QEMU_SYSTEM_DIR)",
+        bin.display()
+    );
+    bin
+}
+
+/// A real QEMU system emulator, the running VM: q35 under TCG, 2 vCPUs, 256 MiB, no
+/// OS (the guest sits in its firmware). Disk `i` is node `disk{i}` (on file node
+/// `f{i}`) behind device `vd{i}`, a virtio-blk-pci; the guest's writes are HMP
+/// `qemu-io` on that device's own block backend, the path a guest's I/O takes. Only
+/// its QMP socket is given, as on a host where nothing else was set up for tern.
+pub struct QemuSystem {
+    pub child: std::process::Child,
+    pub qmp: PathBuf,
+    pub dir: tempfile::TempDir,
+    args: Vec<std::ffi::OsString>,
+}
+
+impl QemuSystem {
+    /// Start one with a new image per `(format, size)` (`qcow2` or `raw`, qemu-img
+    /// sizes), plus `extra` arguments (more devices).
+    pub fn start(disks: &[(&str, &str)], extra: &[String]) -> QemuSystem {
+        use std::process::Command;
+        let dir = tempfile::tempdir().unwrap();
+        let qmp = dir.path().join("qmp.sock");
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        let mut arg = |a: String| args.push(a.into());
+        for a in ["-machine", "q35,accel=tcg", "-nodefaults", "-display", "none", "-m", "256", "-smp", "2"] {
+            arg(a.into());
+        }
+        arg("-qmp".into());
+        arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        for (i, (fmt, size)) in disks.iter().enumerate() {
+            let img = dir.path().join(format!("d{i}.{fmt}"));
+            let out = Command::new("qemu-img").args(["create", "-q", "-f", fmt]).arg(&img).arg(size).output();
+            let out = out.expect("qemu-img is needed (Debian package qemu-utils; scripts/deps installs it)");
+            assert!(out.status.success(), "qemu-img create: {}", String::from_utf8_lossy(&out.stderr));
+            arg("-blockdev".into());
+            arg(format!("driver=file,filename={},node-name=f{i}", img.display()));
+            arg("-blockdev".into());
+            arg(format!("driver={fmt},file=f{i},node-name=disk{i}"));
+            arg("-device".into());
+            arg(format!("virtio-blk-pci,drive=disk{i},id=vd{i}"));
+        }
+        for a in extra {
+            arg(a.clone());
+        }
+        let child = Self::spawn(&args, &qmp, dir.path());
+        QemuSystem { child, qmp, dir, args }
+    }
+
+    fn spawn(args: &[std::ffi::OsString], qmp: &Path, dir: &Path) -> std::process::Child {
+        let _ = std::fs::remove_file(qmp);
+        let bin = qemu_system_bin();
+        // qemu-io's reports go to QEMU's stdout: kept in a log beside the images.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("qemu.log")).unwrap();
+        let mut child = std::process::Command::new(&bin)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}; run scripts/deps", bin.display()));
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !qmp.exists() {
+            if let Some(status) = child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+                panic!("{} exited ({status}) before creating its QMP socket:\n{log}", bin.display());
+            }
+            assert!(std::time::Instant::now() < until, "{} did not create its QMP socket", bin.display());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child
+    }
+
+    /// One QMP command on a connection of its own (tern's pass needs the socket when
+    /// it runs: a QMP socket serves one client at a time).
+    pub fn qmp(&self, command: &str, arguments: Option<serde_json::Value>) -> serde_json::Value {
+        let mut q = tern_engine::qemu::Qmp::connect(&self.qmp, std::time::Duration::from_secs(10)).unwrap();
+        q.execute(command, arguments).unwrap_or_else(|e| panic!("QMP {command}: {e}"))
+    }
+
+    /// An HMP command through QMP `human-monitor-command`; its output.
+    pub fn hmp(&self, command_line: &str) -> String {
+        let out =
+            self.qmp("human-monitor-command", Some(serde_json::json!({ "command-line": command_line })));
+        out.as_str().unwrap_or_default().to_string()
+    }
+
+    /// The guest writing: a qemu-io command (`write -P 0x11 0 1M`) on device `vd{disk}`'s
+    /// block backend. HMP answers nothing on success, an error otherwise.
+    pub fn guest(&self, disk: usize, cmd: &str) {
+        let out = self.hmp(&format!("qemu-io -d vd{disk}/virtio-backend \"{cmd}\""));
+        assert!(out.trim().is_empty(), "HMP qemu-io on vd{disk} ({cmd}): {out}");
+    }
+
+    /// QMP `query-status`'s `status`: `running`, `paused`, ...
+    pub fn status(&self) -> String {
+        self.qmp("query-status", None)["status"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// QMP `quit` (a clean close: persistent bitmaps are written), and wait for exit.
+    pub fn quit(&mut self) {
+        let mut q = tern_engine::qemu::Qmp::connect(&self.qmp, std::time::Duration::from_secs(10)).unwrap();
+        let _ = q.execute("quit", None);
+        let _ = self.child.wait();
+    }
+
+    /// Start QEMU again with the same arguments, images and socket, after [`QemuSystem::quit`].
+    pub fn boot(&mut self) {
+        self.child = Self::spawn(&self.args, &self.qmp, self.dir.path());
+    }
+
+    /// Disk `i`'s image file.
+    pub fn image(&self, i: usize) -> PathBuf {
+        let found = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_stem().is_some_and(|s| s == format!("d{i}").as_str()));
+        found.unwrap_or_else(|| panic!("no image of disk {i}"))
+    }
+
+    /// `vm add NAME --qmp SOCKET`: no nodes (discovered from the devices), no NBD
+    /// server (tern starts its own), vCPUs, memory and firmware read from QEMU.
+    pub fn spec(&self, name: &str) -> tern_engine::QemuVmSpec {
+        tern_engine::QemuVmSpec {
+            name: name.into(),
+            qmp: self.qmp.clone(),
+            nodes: Vec::new(),
+            nbd: None,
+            cpus: None,
+            memory_bytes: None,
+            firmware: None,
+        }
+    }
+}
+
+impl Drop for QemuSystem {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
