@@ -804,12 +804,16 @@ pub fn add_qemu_vm(engine: &Engine, spec: &QemuVmSpec) -> Result<VmDef> {
     };
     let uefi = devices.iter().any(pflash);
     let mut nodes = spec.nodes.clone();
+    // Disks found behind devices are remembered by device too: a node QEMU named
+    // itself (`#block123`, for `-drive` without `node-name`) is named anew each time
+    // QEMU starts, the device is not.
+    let mut by_device = Vec::new();
     if nodes.is_empty() {
-        nodes = devices
-            .iter()
-            .filter(|d| d["removable"] != true && !pflash(d))
-            .filter_map(|d| d["inserted"]["node-name"].as_str().map(String::from))
-            .collect();
+        for d in devices.iter().filter(|d| d["removable"] != true && !pflash(d)) {
+            let Some(node) = d["inserted"]["node-name"].as_str() else { continue };
+            nodes.push(node.to_string());
+            by_device.push(crate::qemu::source::device_id(d).unwrap_or_default());
+        }
     }
     if nodes.is_empty() {
         let exports = qmp.execute("query-block-exports", None).map_err(qmp_err)?;
@@ -889,6 +893,7 @@ pub fn add_qemu_vm(engine: &Engine, spec: &QemuVmSpec) -> Result<VmDef> {
             nbd: spec.nbd.clone(),
             nodes: nodes.clone(),
             push: spec.push == Some(true),
+            devices: by_device,
         }),
     }
     .validate()?;

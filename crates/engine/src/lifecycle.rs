@@ -94,7 +94,10 @@ pub fn complete(engine: &Engine, name: &str) -> Result<Vec<String>> {
         let dir = workdir(engine, &vm);
         let t = Tracker {
             vm: vm.id[..8].to_string(),
-            disks: q.nodes.iter().map(|n| QemuDisk { node: n.clone(), persistent_bitmaps: false }).collect(),
+            disks: crate::qemu::source::current_nodes(&mut qmp, q, &vm.name)?
+                .into_iter()
+                .map(|node| QemuDisk { node, persistent_bitmaps: false })
+                .collect(),
             granularity: 64 << 10,
             workdir: dir.clone(),
             nbd: NbdEndpoint { socket: dir.join("nbd.sock") },

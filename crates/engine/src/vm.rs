@@ -93,6 +93,13 @@ pub struct QemuSource {
     /// whose NBD server tern cannot use.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub push: bool,
+    /// Per disk, the guest device it was found behind (its qdev path, else its
+    /// name), when the disks were discovered from devices: the node is looked up
+    /// again by device on every connection, since QEMU renames nodes it named itself
+    /// when it starts again. Empty when the nodes were named (`--node`) or found as
+    /// exports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 /// Limits on what `vm add` accepts.

@@ -277,3 +277,49 @@ fn plugged_memory_counts() {
     assert_eq!(def.memory_bytes, 384 * MIB, "{}", vm.qmp("query-memory-size-summary", None));
     assert_eq!(def.cpus, 2);
 }
+
+/// A disk given the old way (`-drive file=...,if=virtio`, no node name): QEMU names
+/// its node itself (`#block...`), anew each time it starts. tern remembers the disk
+/// by its device, so after a clean restart the next pass finds it again and, the
+/// qcow2's bitmap having persisted, is a delta.
+#[test]
+fn a_disk_whose_node_qemu_named_is_found_again_by_its_device_after_a_restart() {
+    let scratch = tempfile::tempdir().unwrap();
+    let img = scratch.path().join("old.qcow2");
+    support::qemu("qemu-img", &["create", "-q", "-f", "qcow2", &img.to_string_lossy(), "16M"]);
+    let drive = vec!["-drive".into(), format!("file={},if=virtio,format=qcow2,id=old0", img.display())];
+    let mut vm = support::QemuSystem::start(&[], &drive);
+    let write = |vm: &support::QemuSystem, cmd: &str| {
+        let out = vm.hmp(&format!("qemu-io old0 \"{cmd}\""));
+        assert!(out.trim().is_empty(), "HMP qemu-io ({cmd}): {out}");
+    };
+    write(&vm, "write -P 0x31 0 2M");
+    let h = support::host();
+    let def = add_qemu_vm(&h.engine, &vm.spec("vm")).unwrap();
+    let q = def.qemu.as_ref().unwrap();
+    assert!(q.nodes[0].starts_with('#'), "QEMU named the node itself: {:?}", q.nodes);
+    assert_eq!(q.devices.len(), 1, "{q:?}");
+    let opts = ReplicateOptions { threads: 2, ..Default::default() };
+    assert_eq!(support::run_replicate(&h.engine, "vm", &opts).unwrap().kind, PointKind::Full);
+    write(&vm, "write -P 0x32 5M 64k");
+    assert_eq!(support::run_replicate(&h.engine, "vm", &opts).unwrap().kind, PointKind::Delta);
+
+    // A few other drives first, so that the restarted QEMU's own names differ.
+    vm.quit();
+    let mut extra = Vec::new();
+    for i in 0..3 {
+        let other = scratch.path().join(format!("other{i}.raw"));
+        std::fs::write(&other, vec![0u8; 1 << 20]).unwrap();
+        extra.push("-drive".to_string());
+        extra.push(format!("file={},if=none,format=raw,id=other{i}", other.display()));
+    }
+    vm.boot_with(&extra);
+    write(&vm, "write -P 0x33 9M 64k");
+    let block = vm.qmp("query-block", None);
+    let old0 = block.as_array().unwrap().iter().find(|d| d["device"] == "old0").unwrap();
+    let now = old0["inserted"]["node-name"].as_str().unwrap();
+    assert_ne!(now, q.nodes[0], "the test needs QEMU to name the node differently");
+    let r = support::run_replicate(&h.engine, "vm", &opts).unwrap();
+    assert_eq!(r.kind, PointKind::Delta, "found again by device; its bitmap persisted");
+    assert_eq!(r.disks[0].changed_bytes, 65536);
+}

@@ -74,6 +74,40 @@ pub(crate) fn start_nbd(qmp: &mut Qmp, socket: &Path) -> Result<bool> {
     }
 }
 
+/// How `query-block` names the device of entry `d`: its qdev path, else its name.
+pub(crate) fn device_id(d: &serde_json::Value) -> Option<String> {
+    [d["qdev"].as_str(), d["device"].as_str()].into_iter().flatten().find(|s| !s.is_empty()).map(String::from)
+}
+
+/// The block node of each disk of `q` in the QEMU behind `qmp` now: looked up by
+/// device where the disks were found behind devices, else the nodes recorded.
+pub(crate) fn current_nodes(qmp: &mut Qmp, q: &crate::QemuSource, vm: &str) -> Result<Vec<String>> {
+    if q.devices.is_empty() {
+        return Ok(q.nodes.clone());
+    }
+    let block = qmp.execute("query-block", None).map_err(qmp_err)?;
+    let mut out = Vec::new();
+    for (i, (dev, recorded)) in q.devices.iter().zip(&q.nodes).enumerate() {
+        if dev.is_empty() {
+            out.push(recorded.clone());
+            continue;
+        }
+        let entry =
+            block.as_array().and_then(|a| a.iter().find(|d| device_id(d).as_deref() == Some(dev.as_str())));
+        let node = entry.and_then(|d| d["inserted"]["node-name"].as_str()).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "disk {i} of VM {vm}: QEMU at {} has no device {dev:?} with a disk any more",
+                    q.qmp.display()
+                ),
+            )
+        })?;
+        out.push(node.to_string());
+    }
+    Ok(out)
+}
+
 impl QemuSource {
     /// Connect to `vm`'s QEMU, find its disks' nodes, and make sure an NBD server is
     /// there for the views. `dir` is the VM's work folder (overlays, tern's socket).
@@ -86,10 +120,11 @@ impl QemuSource {
         let q = vm.qemu.as_ref().ok_or_else(|| Error::invalid(format!("VM {} is not in a QEMU", vm.name)))?;
         let mut qmp = Qmp::connect(&q.qmp, QMP_TIMEOUT).map_err(qmp_err)?;
         let socket = q.nbd.clone().unwrap_or_else(|| dir.join("nbd.sock"));
+        let current = current_nodes(&mut qmp, q, &vm.name)?;
         let nodes = qmp.execute("query-named-block-nodes", Some(json!({ "flat": true }))).map_err(qmp_err)?;
         let mut disks = Vec::new();
         let mut formats = Vec::new();
-        for (i, node) in q.nodes.iter().enumerate() {
+        for (i, node) in current.iter().enumerate() {
             let n = nodes
                 .as_array()
                 .and_then(|a| a.iter().find(|n| n["node-name"] == node.as_str()))

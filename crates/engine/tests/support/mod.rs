@@ -430,6 +430,15 @@ impl QemuSystem {
         self.child = Self::spawn(&self.args, &self.qmp, self.dir.path());
     }
 
+    /// Start QEMU again like [`QemuSystem::boot`], with `first` before its other
+    /// arguments (devices ahead of the VM's own, so that the nodes QEMU names itself
+    /// get other names).
+    pub fn boot_with(&mut self, first: &[String]) {
+        let mut args: Vec<std::ffi::OsString> = first.iter().map(Into::into).collect();
+        args.extend(self.args.iter().cloned());
+        self.child = Self::spawn(&args, &self.qmp, self.dir.path());
+    }
+
     /// Disk `i`'s image file.
     pub fn image(&self, i: usize) -> PathBuf {
         let found = std::fs::read_dir(self.dir.path())
@@ -451,6 +460,7 @@ impl QemuSystem {
             cpus: None,
             memory_bytes: None,
             firmware: None,
+            push: None,
         }
     }
 }
