@@ -2,7 +2,8 @@
 //! hands the VM to the running agent and returns once its first point is committed;
 //! the agent cycles on its own; pause and resume; 20 kill -9 of the agent at random
 //! moments of its cycles (with the upload throttled, so kills land while it reads,
-//! logs, uploads and commits) lose no change and never make it resync; SIGTERM stops
+//! logs, uploads and commits), and one kill at each of those phases, lose no change
+//! and never make it resync; SIGTERM stops
 //! it cleanly; `complete` while it runs leaves nothing of tern's in QEMU.
 
 mod support;
@@ -138,4 +139,57 @@ fn the_agent_cycles_rides_out_kill_9_and_completes() {
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// kill -9 of the agent at each moment of a cycle, not at random: after the cut,
+/// with a disk's changes staged (the view still held), after a segment piece is
+/// stored, and after the manifest is stored but before the state database says so.
+/// Each time the restarted agent cleans up, loses no change and does not resync: its
+/// next point is exactly the guest, and every point is full (the first) or delta.
+#[test]
+fn a_kill_9_at_each_phase_of_a_cycle_loses_nothing_and_costs_no_resync() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    let log = d.path().join("agent.log");
+    let vm = Qsd::start(d.path());
+    vm.write_random("disk0", 0, 3 << 20, 1);
+    ok(tern(&data).args(["vm", "add", "web", "--qmp"]).arg(&vm.qmp).arg("--nbd").arg(&vm.nbd));
+    ok(tern(&data).args(["replicate", "web", "--frequency", "1s"]));
+    for (n, phase) in ["cut", "stage", "upload", "commit"].into_iter().enumerate() {
+        let n = n as u64;
+        vm.write_random("disk0", (n + 4) << 20, 256 << 10, 10 + n);
+        vm.write_random("disk1", (n + 1) << 20 | 4096, 100 << 10, 20 + n);
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let mut agent = tern(&data)
+            .args(["agent", "--frequency", "1s", "--threads", "2"])
+            .env("TERN_TEST_STALL_AT", phase)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let marker = format!("tern-test: at {phase}");
+        let until = Instant::now() + Duration::from_secs(60);
+        while std::fs::read_to_string(&log).unwrap_or_default().matches(&marker).count() == 0 {
+            assert!(Instant::now() < until, "the agent did not reach {phase} within 60 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+        // The guest goes on writing; a new agent picks up.
+        vm.write_random("disk1", 12 << 20, 64 << 10, 30 + n);
+        let mut agent = start_agent(&data, &log);
+        let p = point_after(&data, &now_rfc3339_ms());
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+        assert_eq!(p["kind"], "delta", "after a kill at {phase}");
+        migrate_and_compare(&data, &vm, p["id"].as_str().unwrap(), &d.path().join(format!("out-{phase}")));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("resync"), "a kill of the agent made it resync:\n{text}");
+    let kinds: Vec<String> = points(&data).iter().map(|p| p["kind"].as_str().unwrap().to_string()).collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "full").count(), 1, "{kinds:?}");
+    // Nothing of the killed cycles is left in QEMU but the next cycle's bitmaps.
+    let left = vm.tern_objects();
+    assert!(left.iter().all(|o| o.starts_with("bitmap ")), "{left:?}");
 }

@@ -431,6 +431,7 @@ impl Pass<'_> {
         for w in cut.disks().iter().filter_map(|d| d.warning.as_ref()) {
             (self.observer)(ReplicateEvent::Warning(w.clone()));
         }
+        crate::test_stall("cut");
         let instant = instant_of(cut.instant());
         let logs_dir = self.dir.join("logs");
         let mut reads = Vec::new();
@@ -482,6 +483,7 @@ impl Pass<'_> {
                 };
                 logs.push(log);
                 reads.push(read);
+                crate::test_stall("stage");
             }
             src.verify(&cut)?;
             Ok((point_id, logs))
@@ -642,6 +644,7 @@ impl Pass<'_> {
                 .map_err(|e| Error::from(e).context(format!("storing segment piece {k} of disk {i}")))?;
             (self.observer)(ReplicateEvent::Chunk { disk: i, guest_bytes: piece.changed_bytes() });
             pieces.push(PieceRef { start: piece.start, end: piece.end, digest });
+            crate::test_stall("upload");
             Ok(())
         })?;
         let mut d =
@@ -710,6 +713,7 @@ impl Pass<'_> {
         self.rt
             .block_on(store.put_manifest(&vm.id, point_id, Bytes::from(env)))
             .map_err(|e| Error::from(e).context("storing the manifest"))?;
+        crate::test_stall("commit");
         let json = serde_json::to_string(&manifest)
             .map_err(|e| Error::invalid(format!("encoding manifest: {e}")))?;
         self.engine.db().cache_point(&PointRow {

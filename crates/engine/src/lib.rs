@@ -102,3 +102,17 @@ pub(crate) fn rfc3339_ms(t: time::OffsetDateTime) -> String {
     );
     t.format(&fmt).unwrap_or_default()
 }
+
+/// TEST ONLY: when the environment variable `TERN_TEST_STALL_AT` names `phase`, say so
+/// on stderr (`tern-test: at PHASE`) and stall for a minute, so that a test can kill
+/// the process at exactly that moment of a pass. Phases: `cut` (the disks are frozen,
+/// nothing staged), `stage` (a disk's changes are in its log, the cut still held),
+/// `upload` (a segment piece is stored, the point is not), `commit` (the manifest is
+/// stored, the state database does not say so yet). Nothing else reads the variable.
+#[doc(hidden)]
+pub fn test_stall(phase: &str) {
+    if std::env::var_os("TERN_TEST_STALL_AT").is_some_and(|v| v == phase) {
+        eprintln!("tern-test: at {phase}");
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+}
