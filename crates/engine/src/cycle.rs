@@ -98,6 +98,9 @@ enum Plan {
     Scan { seq: u64, base: String },
     /// Ship what tracking `seq` recorded since point `base`.
     Delta { seq: u64, base: String },
+    /// Tracking `seq` holds on some disks only: the others are compared with point
+    /// `base` in the same cycle.
+    Partly { seq: u64, base: String, why: String },
 }
 
 /// One replication pass of a VM: the initial replication, a cycle or a resync,
@@ -203,6 +206,7 @@ fn plan<S: TrackingSource>(
         // The sequence stays: a scan keeps nothing that it names, and a QEMU VM
         // scanned while shut off keeps the bitmap that goes on after it.
         Tracked::Never => Plan::Scan { seq: t.seq, base },
+        Tracked::Partly(_, why) => Plan::Partly { seq: t.seq, base, why },
     })
 }
 
@@ -297,6 +301,11 @@ impl Pass<'_> {
             }
             Plan::Scan { seq, base } => self.cycle(&mut src, seq, None, &base, PointKind::Delta),
             Plan::Delta { seq, base } => self.cycle(&mut src, seq + 1, Some(seq), &base, PointKind::Delta),
+            Plan::Partly { seq, base, why } => {
+                warn(&why);
+                db.add_event(&vm.id, "resync", &why)?;
+                self.cycle(&mut src, seq + 1, Some(seq), &base, PointKind::Resync)
+            }
         }
     }
 
@@ -503,8 +512,11 @@ impl Pass<'_> {
             (Err(e), None) => return Err(e),
             // Keep every change for the next cycle.
             (Err(e), Some(prev)) => {
+                // Intact where it was: a disk found lost before this cycle is found
+                // lost again, and compared again next time.
+                let kept = |t: &Tracked| matches!(t, Tracked::Intact | Tracked::Partly(..));
                 return match src.restore(prev) {
-                    Ok(Tracked::Intact) if staging_failed && e.kind() == ErrorKind::Busy => {
+                    Ok(t) if kept(&t) && staging_failed && e.kind() == ErrorKind::Busy => {
                         let _ = self.set_tracking(prev, "backlog", Some(base.to_string()));
                         let _ = self.engine.db().add_event(&vm.id, "backlog", &e.to_string());
                         Err(Error::new(
@@ -516,7 +528,7 @@ impl Pass<'_> {
                             ),
                         ))
                     }
-                    Ok(Tracked::Intact) => Err(e),
+                    Ok(t) if kept(&t) => Err(e),
                     Ok(_) => {
                         let _ = self.set_tracking(prev, "resync", Some(base.to_string()));
                         Err(e.context("and the changes tracked could not be kept (a resync follows)"))

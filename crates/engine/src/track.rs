@@ -114,6 +114,9 @@ pub enum Tracked {
     Lost(String),
     /// The source keeps no tracking between cuts (scan): every pass compares.
     Never,
+    /// Intact on some disks only: the others (`true` here, per disk) are compared
+    /// with the previous point in the next cycle, the rest ship what was tracked.
+    Partly(Vec<bool>, String),
 }
 
 /// A source of change tracking for one VM. See the module documentation.

@@ -108,17 +108,24 @@ impl Tracker {
     /// Freeze every disk at one instant: start bitmap `seq`, stop bitmap `seq - 1`
     /// (unless `first`), and export a read-only view of each disk as of that instant.
     pub fn cut(&self, qmp: &mut Qmp, seq: u64, first: bool) -> Result<FrozenCut, QmpError> {
+        cut(qmp, self, seq, &vec![first; self.disks.len()])
+    }
+
+    /// [`Tracker::cut`] with `first` per disk: a disk whose tracking was lost starts
+    /// afresh (no bitmap to stop, its view has none) in the same transaction as the
+    /// others.
+    pub fn cut_disks(&self, qmp: &mut Qmp, seq: u64, first: &[bool]) -> Result<FrozenCut, QmpError> {
         cut(qmp, self, seq, first)
     }
 }
 
-fn cut(qmp: &mut Qmp, t: &Tracker, seq: u64, first: bool) -> Result<FrozenCut, QmpError> {
+fn cut(qmp: &mut Qmp, t: &Tracker, seq: u64, first: &[bool]) -> Result<FrozenCut, QmpError> {
     let (vm, disks, granularity, nbd) = (&t.vm, &t.disks, t.granularity, &t.nbd);
     // The cut exists from the first node tern adds, so that any failure below takes
     // down what was already added: nothing of tern's stays in QEMU.
     let mut cut = FrozenCut { seq, instant: SystemTime::now(), disks: Vec::new(), nbd: nbd.clone() };
     for (i, d) in disks.iter().enumerate() {
-        if let Err(e) = add_fleece(qmp, t, &mut cut, i, d, first) {
+        if let Err(e) = add_fleece(qmp, t, &mut cut, i, d, first.get(i).copied().unwrap_or(true)) {
             let _ = cut.release_nodes(qmp);
             return Err(e);
         }
@@ -433,6 +440,54 @@ impl Tracker {
             }
         }
         Ok(true)
+    }
+
+    /// [`Tracker::reconcile`] disk by disk: each disk whose bitmap `seq` is there and
+    /// consistent is reconciled; every bitmap of tern's is removed from the others,
+    /// whose tracking is lost (they start afresh at the next cut). Returns, per disk,
+    /// whether its tracking is intact.
+    pub fn reconcile_disks(&self, qmp: &mut Qmp, seq: u64) -> Result<Vec<bool>, QmpError> {
+        let prefix = format!("tern-{}-", self.vm);
+        let want = bitmap_name(&self.vm, seq);
+        let mut intact = Vec::new();
+        for d in &self.disks {
+            let ours: Vec<(u64, BitmapInfo)> = bitmaps(qmp, &d.node)?
+                .into_iter()
+                .filter_map(|b| Some((b.name.strip_prefix(&prefix)?.parse::<u64>().ok()?, b)))
+                .collect();
+            let Some(recording) =
+                ours.iter().find(|(n, b)| *n == seq && !b.inconsistent).map(|(_, b)| b.recording)
+            else {
+                for (_, b) in &ours {
+                    remove_bitmap(qmp, &d.node, &b.name)?;
+                }
+                intact.push(false);
+                continue;
+            };
+            let mut actions = Vec::new();
+            let newer: Vec<&str> =
+                ours.iter().filter(|(n, _)| *n > seq).map(|(_, b)| b.name.as_str()).collect();
+            if !newer.is_empty() {
+                actions.push(json!({ "type": "block-dirty-bitmap-merge",
+                    "data": { "node": d.node, "target": want, "bitmaps": newer } }));
+            }
+            if !recording {
+                actions.push(
+                    json!({ "type": "block-dirty-bitmap-enable", "data": { "node": d.node, "name": want } }),
+                );
+            }
+            for (n, b) in &ours {
+                if *n != seq {
+                    actions.push(json!({ "type": "block-dirty-bitmap-remove",
+                        "data": { "node": d.node, "name": b.name } }));
+                }
+            }
+            if !actions.is_empty() {
+                qmp.transaction(actions)?;
+            }
+            intact.push(true);
+        }
+        Ok(intact)
     }
 
     /// Remove every bitmap tern made for this VM (before a resync, and at `complete`).

@@ -65,9 +65,9 @@ pub fn push_file(t: &Tracker, seq: u64, i: usize) -> PathBuf {
 }
 
 /// Freeze every disk at one instant and have QEMU copy the frozen data out: start
-/// bitmap `seq`, stop bitmap `seq - 1` (unless `first`) and push what it recorded
-/// (everything, when `first`). Returns once every copy is complete and closed.
-pub fn cut(qmp: &mut Qmp, t: &Tracker, seq: u64, first: bool) -> Result<PushCut, QmpError> {
+/// bitmap `seq`, stop bitmap `seq - 1` and push what it recorded; on a disk whose
+/// `first` is set, push everything instead (a first cut, or tracking lost). Returns once every copy is complete and closed.
+pub fn cut(qmp: &mut Qmp, t: &Tracker, seq: u64, first: &[bool]) -> Result<PushCut, QmpError> {
     let mut cut = PushCut { seq, instant: SystemTime::now(), disks: Vec::new() };
     let res = (|| {
         for (i, d) in t.disks.iter().enumerate() {
@@ -93,7 +93,7 @@ pub fn cut(qmp: &mut Qmp, t: &Tracker, seq: u64, first: bool) -> Result<PushCut,
                 node: d.node.clone(),
                 size,
                 file: file.clone(),
-                changed: !first,
+                changed: !first.get(i).copied().unwrap_or(true),
                 target_node: target_node(&t.vm, i),
                 job: job_id(&t.vm, i),
             };
@@ -113,7 +113,7 @@ pub fn cut(qmp: &mut Qmp, t: &Tracker, seq: u64, first: bool) -> Result<PushCut,
                 "persistent": d.persistent_bitmaps } }));
             let mut backup = json!({ "job-id": p.job, "device": d.node, "target": p.target_node,
                 "sync": "full", "auto-finalize": true, "auto-dismiss": true });
-            if !first {
+            if p.changed {
                 let frozen = bitmap_name(&t.vm, seq - 1);
                 actions.push(
                     json!({ "type": "block-dirty-bitmap-disable", "data": { "node": d.node, "name": frozen } }),

@@ -29,6 +29,9 @@ pub struct QemuSource {
     started_nbd: bool,
     /// Push mode (see [`super::push`]).
     push: bool,
+    /// Per disk, whether the last [`TrackingSource::restore`] found its tracking
+    /// lost: the next cut starts it afresh and the cycle compares it.
+    lost: Vec<bool>,
 }
 
 /// A cut of a QEMU VM: its frozen views, or the views a killed initial replication
@@ -150,7 +153,8 @@ impl QemuSource {
             nbd: NbdEndpoint { socket: socket.clone() },
             test_stagger,
         };
-        let mut src = QemuSource { qmp, tracker, formats, started_nbd: false, push: q.push };
+        let lost = vec![false; tracker.disks.len()];
+        let mut src = QemuSource { qmp, tracker, formats, started_nbd: false, push: q.push, lost };
         if q.nbd.is_none() && !q.push {
             // A server tern started for a pass that was killed is still there,
             // listening on tern's own socket: it is reused, and stopped at the end.
@@ -168,6 +172,12 @@ impl QemuSource {
             src.started_nbd = true;
         }
         Ok(src)
+    }
+
+    /// Per disk, whether a cut starts its tracking afresh: all of them for a first
+    /// cut, else those whose tracking was found lost.
+    fn first(&self, first: bool) -> Vec<bool> {
+        self.lost.iter().map(|l| first || *l).collect()
     }
 
     fn cut_disks(&self, frozen: &FrozenCut) -> Vec<CutDisk> {
@@ -251,15 +261,26 @@ impl TrackingSource for QemuSource {
     }
 
     fn restore(&mut self, seq: u64) -> Result<Tracked> {
-        if self.tracker.reconcile(&mut self.qmp, seq).map_err(qmp_err)? {
-            Ok(Tracked::Intact)
-        } else {
-            Ok(Tracked::Lost(
-                "QEMU's dirty bitmap is missing or inconsistent (QEMU restarted or was killed): \
-                 resyncing by comparing every chunk with the last point; only what differs is uploaded"
-                    .into(),
-            ))
+        let intact = self.tracker.reconcile_disks(&mut self.qmp, seq).map_err(qmp_err)?;
+        let lost: Vec<bool> = intact.iter().map(|ok| !ok).collect();
+        let why = |which: &str| {
+            format!(
+                "QEMU's dirty bitmap is missing or inconsistent on {which} (QEMU restarted or was killed; \
+                 a raw disk's bitmap cannot persist): resyncing by comparing every chunk with the last point; \
+                 only what differs is uploaded"
+            )
+        };
+        if lost.iter().all(|l| !l) {
+            self.lost = lost;
+            return Ok(Tracked::Intact);
         }
+        if lost.iter().all(|l| *l) {
+            return Ok(Tracked::Lost(why("every disk")));
+        }
+        let disks: Vec<String> =
+            lost.iter().enumerate().filter(|(_, l)| **l).map(|(i, _)| i.to_string()).collect();
+        self.lost = lost.clone();
+        Ok(Tracked::Partly(lost, why(&format!("disk {}", disks.join(", ")))))
     }
 
     fn drop_tracking(&mut self) -> Result<()> {
@@ -268,7 +289,8 @@ impl TrackingSource for QemuSource {
 
     fn cut(&mut self, seq: u64, first: bool) -> Result<QemuCut> {
         if self.push {
-            let pushed = super::push::cut(&mut self.qmp, &self.tracker, seq, first).map_err(qmp_err)?;
+            let first = self.first(first);
+            let pushed = super::push::cut(&mut self.qmp, &self.tracker, seq, &first).map_err(qmp_err)?;
             let disks = pushed
                 .disks
                 .iter()
@@ -282,7 +304,8 @@ impl TrackingSource for QemuSource {
                 .collect();
             return Ok(QemuCut { seq, instant: pushed.instant, disks, frozen: None, pushed: Some(pushed) });
         }
-        let frozen = self.tracker.cut(&mut self.qmp, seq, first).map_err(qmp_err)?;
+        let first = self.first(first);
+        let frozen = self.tracker.cut_disks(&mut self.qmp, seq, &first).map_err(qmp_err)?;
         let disks = self.cut_disks(&frozen);
         Ok(QemuCut { seq, instant: frozen.instant, disks, frozen: Some(frozen), pushed: None })
     }
@@ -360,7 +383,7 @@ impl TrackingSource for QemuSource {
     fn committed(&mut self, seq: u64) -> Result<()> {
         let frozen = bitmap_name(&self.tracker.vm, seq);
         let mut first = None;
-        for d in &self.tracker.disks {
+        for (d, _) in self.tracker.disks.iter().zip(&self.lost).filter(|(_, lost)| !**lost) {
             // A failure here leaves a bitmap that restore() removes next time.
             if let Err(e) = super::cut::remove_bitmap(&mut self.qmp, &d.node, &frozen) {
                 first.get_or_insert(Error::new(
