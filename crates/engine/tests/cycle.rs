@@ -384,3 +384,38 @@ fn in_push_mode_qemu_copies_each_cut_out_and_every_point_is_the_guest_at_its_cut
         support::walk(&work).into_iter().filter(|p| p.to_string_lossy().contains("tern-push")).collect();
     assert!(files.is_empty(), "{files:?}");
 }
+
+#[test]
+fn in_push_mode_a_failed_initial_replication_resumes_from_the_files_qemu_pushed() {
+    let h = support::host();
+    let vm = support::Qsd::start(&[("qcow2", "24M"), ("raw", "16M")]);
+    vm.guest_random("disk0", 0, 9 << 20, 41);
+    vm.guest_random("disk1", 2 << 20, 5 << 20, 42);
+    let at_cut = [vm.guest_sha256("disk0"), vm.guest_sha256("disk1")];
+    let def = add_qemu_vm(&h.engine, &QemuVmSpec { push: Some(true), ..spec(&vm, None) }).unwrap();
+    assert!(def.qemu.as_ref().unwrap().push);
+    let failing = ReplicateOptions { threads: 1, fail_after_uploads: Some(2), ..Default::default() };
+    let e = support::run_replicate(&h.engine, "web", &failing).unwrap_err();
+    assert!(e.to_string().contains("injected failure"), "{e}");
+    // The guest writes on; the resumed pass still makes the point of the first cut,
+    // read from the files QEMU pushed then.
+    vm.guest_random("disk0", 3 << 20, 65536, 43);
+    let opts = ReplicateOptions { threads: 2, ..Default::default() };
+    let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
+    assert!(r.resumed, "the pass did not resume");
+    assert_eq!(r.kind, PointKind::Full);
+    assert_eq!(migrate_point(&h, &r.point_id, &h.root.join("o1")), at_cut);
+    // Tracking started at that cut: the next cycle ships the write made since.
+    let d = support::run_replicate(&h.engine, "web", &opts).unwrap();
+    assert_eq!(d.kind, PointKind::Delta);
+    assert_eq!(d.disks[0].changed_bytes, 65536);
+    assert_eq!(
+        migrate_point(&h, &d.point_id, &h.root.join("o2")),
+        [vm.guest_sha256("disk0"), vm.guest_sha256("disk1")]
+    );
+    let files: Vec<_> = support::walk(&h.root.join("data/tracking"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("tern-push"))
+        .collect();
+    assert!(files.is_empty(), "{files:?}");
+}
