@@ -273,6 +273,10 @@ struct TrackingStatus {
     /// The tracking source: `qemu` (QEMU's dirty bitmaps) or `scan` (image files,
     /// compared with the last point every pass).
     source: &'static str,
+    /// QEMU VMs: how a cut's data leaves QEMU, `pull` (NBD exports) or `push` (QEMU
+    /// copies it into local files).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<&'static str>,
     /// The newest point tracking committed, and its age in seconds (the achieved RPO).
     last_point: Option<String>,
     last_point_age_seconds: Option<u64>,
@@ -345,6 +349,7 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             last_point_age_seconds: t.last_point.as_deref().and_then(point_age),
             last_point: t.last_point,
             source: if vm.qemu.is_some() { "qemu" } else { "scan" },
+            mode: vm.qemu.as_ref().map(|q| if q.push { "push" } else { "pull" }),
             bitmap_seq: t.seq,
             last_error: t.last_error,
             log_bytes: tern_engine::log_bytes(&engine, &vm),
@@ -437,7 +442,11 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             continue;
         };
         if let Some(t) = &v.tracking {
-            let mut line = format!("{}: {}, tracking {} ({})", v.vm, v.state, t.state, t.source);
+            let source = match t.mode {
+                Some(m) => format!("{}, {m}", t.source),
+                None => t.source.to_string(),
+            };
+            let mut line = format!("{}: {}, tracking {} ({source})", v.vm, v.state, t.state);
             if let (Some(p), Some(age)) = (&t.last_point, t.last_point_age_seconds) {
                 line += &format!(", newest point {p} ({} ago)", fmt_duration(age as f64));
             }

@@ -76,7 +76,8 @@ fn an_operator_replicates_a_running_qemu_vm_in_cycles() {
     assert_eq!(t["state"], "delta", "{st}");
     assert!(t["last_resync"]["message"].as_str().is_some_and(|m| m.contains("bitmap")), "{st}");
     let text = ok(tern(&data).args(["status", "web"]));
-    assert!(text.contains("last resync:") && text.contains("(qemu)"), "{text}");
+    assert!(text.contains("last resync:") && text.contains("(qemu, pull)"), "{text}");
+    assert_eq!(t["mode"], "pull", "{st}");
     let out = d.path().join("out2");
     ok(tern(&data).args(["migrate", "web", "--format", "raw", "--out"]).arg(&out));
     vm.same_as_guest(&out.join("web-disk0.raw"), "raw", "disk0");
