@@ -18,42 +18,20 @@ use std::time::Duration;
 
 use crate::{Disk, Error, Format, ImageInfo, MapKind, Mapping, Result};
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-
-const OPT_ABORT: u32 = 2;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const OPT_SET_META_CONTEXT: u32 = 10;
-
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_META_CONTEXT: u32 = 4;
-const REP_ERR_BIT: u32 = 1 << 31;
-const INFO_EXPORT: u16 = 0;
-
-const CMD_READ: u16 = 0;
-const CMD_DISC: u16 = 2;
-const CMD_BLOCK_STATUS: u16 = 7;
-
-const REPLY_FLAG_DONE: u16 = 1;
-const REPLY_TYPE_NONE: u16 = 0;
-const REPLY_TYPE_OFFSET_DATA: u16 = 1;
-const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
-const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
-const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
+// The protocol's constants and message layouts are tern-nbd's, shared with the server.
+use tern_nbd::proto::{
+    CMD_BLOCK_STATUS, CMD_DISC, CMD_READ, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, NBDMAGIC,
+    OPTION_REPLY_HEADER_LEN, OPT_ABORT, OPT_GO, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, REPLY_FLAG_DONE,
+    REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR_BIT, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA,
+    REPLY_TYPE_OFFSET_HOLE, REP_ACK, REP_ERR_BIT, REP_INFO, REP_META_CONTEXT, SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+};
+use tern_nbd::wire::{self, Info, Request};
 
 /// Status flag of `base:allocation`: the range reads as zero.
-pub const STATE_ZERO: u32 = 2;
+pub const STATE_ZERO: u32 = tern_nbd::proto::STATE_ZERO;
 /// Status flag of `base:allocation`: the range is a hole.
-pub const STATE_HOLE: u32 = 1;
+pub const STATE_HOLE: u32 = tern_nbd::proto::STATE_HOLE;
 /// Status flag of `qemu:dirty-bitmap:NAME`: the range is dirty.
 pub const STATE_DIRTY: u32 = 1;
 
@@ -161,26 +139,17 @@ impl NbdClient {
     }
 
     fn send_option(&mut self, option: u32, data: &[u8]) -> Result<()> {
-        let mut m = Vec::with_capacity(16 + data.len());
-        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        m.extend_from_slice(&option.to_be_bytes());
-        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        m.extend_from_slice(data);
-        self.send(&m)
+        self.send(&wire::encode_option(option, data))
     }
 
     /// One option reply: (type, data). Errors (bit 31) are returned as errors.
     fn option_reply(&mut self, option: u32, what: &str) -> Result<(u32, Vec<u8>)> {
-        let magic = self.u64("an option reply")?;
-        if magic != OPT_REPLY_MAGIC {
-            return Err(self.bad(format!("option reply magic {magic:#x} is wrong")));
-        }
-        let opt = self.u32("an option reply")?;
+        let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+        self.read_exact(&mut h, "an option reply")?;
+        let (opt, kind, len) = wire::decode_option_reply_header(&h).map_err(|e| self.bad(e.to_string()))?;
         if opt != option {
             return Err(self.bad(format!("reply to option {opt} while option {option} was asked")));
         }
-        let kind = self.u32("an option reply")?;
-        let len = self.u32("an option reply")?;
         if len > 1 << 20 {
             return Err(self.bad(format!("an option reply of {len} bytes")));
         }
@@ -224,22 +193,15 @@ impl NbdClient {
         }
 
         if !wanted.is_empty() {
-            let mut data = Vec::new();
-            data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-            data.extend_from_slice(export.as_bytes());
-            data.extend_from_slice(&(wanted.len() as u32).to_be_bytes());
-            for q in wanted {
-                data.extend_from_slice(&(q.len() as u32).to_be_bytes());
-                data.extend_from_slice(q.as_bytes());
-            }
+            let data = wire::encode_meta_request(export, wanted);
             self.send_option(OPT_SET_META_CONTEXT, &data)?;
             loop {
                 let (kind, data) = self.option_reply(OPT_SET_META_CONTEXT, "metadata contexts")?;
                 match kind {
                     REP_ACK => break,
-                    REP_META_CONTEXT if data.len() >= 4 => {
-                        let id = u32::from_be_bytes(data[..4].try_into().expect("4 bytes"));
-                        let name = String::from_utf8_lossy(&data[4..]).into_owned();
+                    REP_META_CONTEXT => {
+                        let (id, name) =
+                            wire::decode_rep_meta_context(&data).map_err(|e| self.bad(e.to_string()))?;
                         self.contexts.push((id, name));
                     }
                     _ => return Err(self.bad(format!("reply type {kind} to the metadata context option"))),
@@ -255,27 +217,21 @@ impl NbdClient {
             }
         }
 
-        let mut data = Vec::new();
-        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&0u16.to_be_bytes());
-        self.send_option(OPT_GO, &data)?;
+        self.send_option(OPT_GO, &wire::encode_info_request(export, &[]))?;
         let mut got_export = false;
         loop {
             let (kind, data) = self.option_reply(OPT_GO, &format!("export {export:?}"))?;
             match kind {
                 REP_ACK => break,
-                REP_INFO if data.len() >= 2 => {
-                    let info = u16::from_be_bytes([data[0], data[1]]);
-                    if info == INFO_EXPORT {
-                        if data.len() != 12 {
-                            return Err(self.bad(format!("export information of {} bytes", data.len())));
-                        }
-                        self.size = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
-                        self.transmission_flags = u16::from_be_bytes([data[10], data[11]]);
+                REP_INFO => match wire::decode_info(&data) {
+                    Ok(Info::Export { size, flags }) => {
+                        self.size = size;
+                        self.transmission_flags = flags;
                         got_export = true;
                     }
-                }
+                    Ok(_) => {}
+                    Err(e) => return Err(self.bad(format!("export information: {e}"))),
+                },
                 _ => return Err(self.bad(format!("reply type {kind} to the go option"))),
             }
         }
@@ -287,13 +243,7 @@ impl NbdClient {
 
     fn request(&mut self, kind: u16, flags: u16, offset: u64, length: u32) -> Result<u64> {
         self.cookie += 1;
-        let mut m = [0u8; 28];
-        m[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        m[4..6].copy_from_slice(&flags.to_be_bytes());
-        m[6..8].copy_from_slice(&kind.to_be_bytes());
-        m[8..16].copy_from_slice(&self.cookie.to_be_bytes());
-        m[16..24].copy_from_slice(&offset.to_be_bytes());
-        m[24..28].copy_from_slice(&length.to_be_bytes());
+        let m = Request { flags, kind, cookie: self.cookie, offset, length }.encode();
         self.send(&m)?;
         Ok(self.cookie)
     }
@@ -375,8 +325,9 @@ impl NbdClient {
     fn reply_header(&mut self, cookie: u64, what: &str) -> Result<(u16, u16, u32)> {
         let magic = self.u32(what)?;
         if magic == SIMPLE_REPLY_MAGIC {
-            let err = self.u32(what)?;
-            let c = self.u64(what)?;
+            let mut rest = [0u8; 12];
+            self.read_exact(&mut rest, what)?;
+            let (err, c) = wire::decode_simple_reply_rest(&rest);
             if c != cookie || err == 0 {
                 return Err(
                     self.bad(format!("a simple reply to {what} after structured replies were negotiated"))
@@ -387,13 +338,12 @@ impl NbdClient {
         if magic != STRUCTURED_REPLY_MAGIC {
             return Err(self.bad(format!("reply magic {magic:#x} is wrong")));
         }
-        let flags = self.u16(what)?;
-        let kind = self.u16(what)?;
-        let c = self.u64(what)?;
+        let mut rest = [0u8; 16];
+        self.read_exact(&mut rest, what)?;
+        let (flags, kind, c, len) = wire::decode_structured_rest(&rest);
         if c != cookie {
             return Err(self.bad(format!("a reply for cookie {c} while waiting for {cookie}")));
         }
-        let len = self.u32(what)?;
         if kind != REPLY_TYPE_OFFSET_DATA && len > MAX_META_REPLY {
             return Err(self.bad(format!("a reply chunk of {len} bytes")));
         }
@@ -408,12 +358,10 @@ impl NbdClient {
         if let Err(e) = self.read_exact(&mut payload, "an error chunk") {
             return e;
         }
-        if payload.len() < 6 {
-            return self.bad("an error chunk shorter than 6 bytes");
-        }
-        let err = u32::from_be_bytes(payload[..4].try_into().expect("4 bytes"));
-        let mlen = u16::from_be_bytes([payload[4], payload[5]]) as usize;
-        let msg = String::from_utf8_lossy(&payload[6..(6 + mlen).min(payload.len())]).into_owned();
+        let (err, msg) = match wire::decode_error_payload(&payload) {
+            Ok(x) => x,
+            Err(e) => return self.bad(e.to_string()),
+        };
         let e = errno(err);
         let detail = if msg.is_empty() { what.to_string() } else { format!("{what} ({msg})") };
         Error::io(&self.name, detail, e)
@@ -460,21 +408,10 @@ impl NbdClient {
             match kind {
                 REPLY_TYPE_NONE => {}
                 REPLY_TYPE_BLOCK_STATUS => {
-                    if payload_len < 12 || (payload_len - 4) % 8 != 0 {
-                        return Err(self.bad(format!("a block status chunk of {payload_len} bytes")));
-                    }
-                    let ctx = self.u32("a block status chunk")?;
-                    let mut raw = vec![0u8; (payload_len - 4) as usize];
+                    let mut raw = vec![0u8; payload_len as usize];
                     self.read_exact(&mut raw, "a block status chunk")?;
-                    let descs: Vec<(u32, u32)> = raw
-                        .chunks_exact(8)
-                        .map(|d| {
-                            (
-                                u32::from_be_bytes(d[..4].try_into().expect("4 bytes")),
-                                u32::from_be_bytes(d[4..].try_into().expect("4 bytes")),
-                            )
-                        })
-                        .collect();
+                    let (ctx, descs) =
+                        wire::decode_block_status(&raw).map_err(|e| self.bad(e.to_string()))?;
                     if descs.iter().any(|&(l, _)| l == 0) {
                         return Err(self.bad("a block status extent of length 0"));
                     }
