@@ -81,6 +81,8 @@ pub enum DiskCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Serve images over NBD (like qemu-nbd): raw read-write, qcow2/VHD/VHDX read-only.
+    Serve(crate::serve_cmd::ServeArgs),
 }
 
 impl DiskCommand {
@@ -105,7 +107,7 @@ pub struct OpenArgs {
 }
 
 impl OpenArgs {
-    fn options(&self) -> OpenOptions {
+    pub fn options(&self) -> OpenOptions {
         OpenOptions {
             allow_backing: self.allow_backing,
             format: self.format.map(InFormat::format),
@@ -154,6 +156,7 @@ pub fn run(cmd: DiskCommand) -> Result<ExitCode> {
     match cmd {
         DiskCommand::Info { image, open: o, json } => info(&image, &o.options(), json),
         DiskCommand::Map { image, open: o, json } => map(&image, &o.options(), json),
+        DiskCommand::Serve(a) => crate::serve_cmd::run(a),
         DiskCommand::Convert {
             src,
             dst,

@@ -17,6 +17,7 @@ mod disk_cmd;
 mod migrate_cmd;
 mod progress;
 mod replicate_cmd;
+mod serve_cmd;
 mod store_cmd;
 mod throttle_cmd;
 mod vm_cmd;

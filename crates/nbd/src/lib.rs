@@ -34,7 +34,10 @@ mod socket;
 mod tls;
 
 pub use error::{Error, ErrorKind, Result};
-pub use export::{BlockSizes, Capabilities, Export, ExportError, ExportResult, Extent, ZeroOptions};
+pub use export::{
+    BlockSizes, Capabilities, ErrorKind as ExportErrorKind, Export, ExportError, ExportResult, Extent,
+    ZeroOptions,
+};
 pub use file::FileExport;
 pub use memory::MemoryExport;
 pub use server::{Log, Server, ServerOptions, StopHandle};
