@@ -36,14 +36,23 @@ fn reads_and_maps_through_terns_server_and_qemu_nbd_alike() {
     let t = std::thread::spawn(move || server.serve().unwrap());
 
     let qsock = dir.path().join("q.sock");
-    let mut qemu = Command::new("qemu-nbd")
-        .args(["-f", "raw", "-r", "--persistent", "--shared=4", "-x", "d", "-k"])
-        .arg(&qsock)
-        .arg(&img)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-nbd is needed (Debian package qemu-utils; scripts/deps installs it)");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _qemu = Kill(
+        Command::new("qemu-nbd")
+            .args(["-f", "raw", "-r", "--persistent", "--shared=4", "-x", "d", "-k"])
+            .arg(&qsock)
+            .arg(&img)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-nbd is needed (Debian package qemu-utils; scripts/deps installs it)"),
+    );
     let start = Instant::now();
     while std::os::unix::net::UnixStream::connect(&qsock).is_err() {
         assert!(start.elapsed() < Duration::from_secs(20), "qemu-nbd did not listen");
@@ -67,8 +76,6 @@ fn reads_and_maps_through_terns_server_and_qemu_nbd_alike() {
         c.disconnect();
     }
     assert_eq!(maps[0], maps[1]);
-    let _ = qemu.kill();
-    let _ = qemu.wait();
     stop.stop();
     t.join().unwrap();
 }

@@ -71,13 +71,15 @@ pub fn session(bytes: &[u8]) -> Outcome {
     let session = Session::new(exports[neg.export].1.clone(), neg.structured, neg.base_allocation, neg.flags);
     let mut buf = Vec::new();
     let mut requests = 0;
+    let mut reader = io::BufReader::with_capacity(4096, mem);
     // Every request consumes at least its 28-byte header: the input bounds the loop.
     loop {
-        match transmission::read_request(&session, &mut mem, &mut buf, None) {
+        match transmission::read_request(&session, &mut reader, &mut buf, None) {
             Ok(None) => return Outcome::Closed { requests },
             Ok(Some(job)) => {
                 let reply = transmission::execute(&session, &job, &mut buf);
-                if let Err(e) = transmission::write_reply(&session, &mut mem, &job.req, &reply, &buf) {
+                if let Err(e) = transmission::write_reply(&session, reader.get_mut(), &job.req, &reply, &buf)
+                {
                     return Outcome::Refused(e.to_string());
                 }
                 requests += 1;

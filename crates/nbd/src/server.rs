@@ -250,10 +250,13 @@ impl Stream {
         sock.set_write_timeout(None)?;
         let killer = sock.try_clone()?;
         let kill: Arc<dyn Fn() + Send + Sync> = Arc::new(move || killer.shutdown(Shutdown::Both));
+        let none: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(|| false);
         match self {
             Stream::Plain(s) => {
                 let w = s.try_clone()?;
-                Ok(Halves { reader: Box::new(s), writer: Box::new(w), kill })
+                let probe = s.try_clone()?;
+                let pending: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || probe.pending());
+                Ok(Halves { reader: Box::new(s), writer: Box::new(w), kill, pending })
             }
             Stream::Tls(t) => {
                 let shared = Arc::new(Mutex::new(*t));
@@ -261,6 +264,7 @@ impl Stream {
                     reader: Box::new(crate::tls::Locked(shared.clone())),
                     writer: Box::new(crate::tls::Locked(shared)),
                     kill,
+                    pending: none,
                 })
             }
         }

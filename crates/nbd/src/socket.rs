@@ -67,12 +67,14 @@ impl Listener {
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept()?;
                 s.set_nonblocking(false)?;
+                larger_send_buffer(s.as_raw_fd());
                 Ok((Socket::Unix(s), "unix".to_string()))
             }
             Listener::Tcp(l) => {
                 let (s, a) = l.accept()?;
                 s.set_nonblocking(false)?;
                 let _ = s.set_nodelay(true);
+                larger_send_buffer(s.as_raw_fd());
                 Ok((Socket::Tcp(s), a.to_string()))
             }
         }
@@ -147,6 +149,23 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
+/// Ask for a send buffer that holds a few large replies (the kernel caps it at
+/// `net.core.wmem_max`): a 1 MiB read reply then leaves the write lock as soon as it is
+/// queued, instead of when the client has read most of it. Best effort.
+fn larger_send_buffer(fd: RawFd) {
+    let size: libc::c_int = 4 << 20;
+    // SAFETY: setsockopt reads one c_int through a pointer to a live local.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// A connected socket.
 #[derive(Debug)]
 pub(crate) enum Socket {
@@ -167,6 +186,18 @@ impl Socket {
             Socket::Unix(s) => s.shutdown(how),
             Socket::Tcp(s) => s.shutdown(how),
         };
+    }
+
+    /// Whether bytes are waiting to be read (`FIONREAD`); false when it cannot tell.
+    pub(crate) fn pending(&self) -> bool {
+        let fd = match self {
+            Socket::Unix(s) => s.as_raw_fd(),
+            Socket::Tcp(s) => s.as_raw_fd(),
+        };
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int through the pointer, which is valid.
+        let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+        r == 0 && n > 0
     }
 
     pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {

@@ -15,8 +15,8 @@
 //! [`Budget`], so a client cannot make the server hold more than that, whatever its
 //! queue depth.
 
-use std::io::{self, BufReader, IoSlice, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::export::{BlockSizes, Export, ExportError, ZeroOptions};
@@ -147,7 +147,7 @@ pub fn validate(s: &Session, r: &Request) -> Result<(), (u32, String)> {
 /// of an accepted read or write is taken from it before any buffer grows.
 pub fn read_request<R: Read>(
     s: &Session,
-    r: &mut R,
+    r: &mut BufReader<R>,
     buf: &mut Vec<u8>,
     budget: Option<&Budget>,
 ) -> Result<Option<Job>, End> {
@@ -191,7 +191,12 @@ pub fn read_request<R: Read>(
         if buf.len() < n {
             buf.resize(n, 0);
         }
-        match read_full(r, &mut buf[..n]) {
+        // What the buffer already holds, then straight from the stream: a large
+        // payload is copied once, not through the buffer.
+        let k = r.buffer().len().min(n);
+        buf[..k].copy_from_slice(&r.buffer()[..k]);
+        r.consume(k);
+        match read_full(r.get_mut(), &mut buf[k..n]).map(|got| got + k) {
             Ok(got) if got == n => {}
             Ok(_) => {
                 if let Some(b) = budget {
@@ -393,6 +398,8 @@ pub(crate) struct Halves {
     pub writer: Box<dyn Write + Send>,
     /// Shut the connection down in both directions (hard disconnect).
     pub kill: Arc<dyn Fn() + Send + Sync>,
+    /// Whether bytes from the client are waiting to be read (false when unknown).
+    pub pending: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 struct Shared {
@@ -401,65 +408,118 @@ struct Shared {
     writer: Mutex<Box<dyn Write + Send>>,
     closing: AtomicBool,
     kill: Arc<dyn Fn() + Send + Sync>,
+    pending: Arc<dyn Fn() -> bool + Send + Sync>,
     budget: Budget,
+    /// Request threads at most, running now, and waiting for the read side.
+    max_threads: usize,
+    running: AtomicUsize,
+    waiting: AtomicUsize,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Request buffers not in use, most recently freed last.
+    buffers: Mutex<Vec<Vec<u8>>>,
     end: Mutex<Option<End>>,
 }
 
-/// Buffers larger than this are not kept by a request thread between requests.
+/// Requests of at most this many bytes may be served by the thread that read them
+/// while it keeps the read side (see `worker`).
+const INLINE_MAX: u32 = 128 << 10;
+
+/// Buffers larger than this are not kept between requests.
 const KEEP_BUFFER: usize = 4 << 20;
 
 /// Serve the transmission phase until the client leaves; `threads` request threads
 /// (at least 1); at most `budget` payload bytes in flight. Returns how it ended.
 pub(crate) fn run(session: Session, halves: Halves, threads: usize, budget: u64) -> End {
     let shared = Arc::new(Shared {
+        max_threads: threads.max(1),
+        running: AtomicUsize::new(1),
+        waiting: AtomicUsize::new(0),
+        threads: Mutex::new(Vec::new()),
         session,
         reader: Mutex::new(BufReader::with_capacity(128 << 10, halves.reader)),
         writer: Mutex::new(halves.writer),
         closing: AtomicBool::new(false),
         kill: halves.kill,
+        pending: halves.pending,
         budget: Budget::new(budget.max(1)),
+        buffers: Mutex::new(Vec::new()),
         end: Mutex::new(None),
     });
-    let mut handles = Vec::new();
-    for _ in 1..threads.max(1) {
-        let sh = shared.clone();
-        match std::thread::Builder::new().name("tern-nbd-req".into()).spawn(move || worker(&sh)) {
-            Ok(h) => handles.push(h),
-            // Fewer threads only means less parallelism.
-            Err(_) => break,
-        }
-    }
     worker(&shared);
-    for h in handles {
-        let _ = h.join();
+    // Threads started by other threads: wait for all, however many came late.
+    loop {
+        let started: Vec<_> = std::mem::take(&mut *shared.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        if started.is_empty() {
+            break;
+        }
+        for h in started {
+            let _ = h.join();
+        }
     }
     let end = shared.end.lock().unwrap_or_else(|e| e.into_inner()).take();
     end.unwrap_or(End::Clean)
 }
 
-fn worker(sh: &Shared) {
-    let mut buf: Vec<u8> = Vec::new();
+/// A request thread more, when the one reading hands the read side over and nobody
+/// waits for it: threads grow with the client's queue depth, up to the maximum, so a
+/// shallow queue is served by few threads whose buffers stay in the caches.
+fn grow(sh: &Arc<Shared>) {
+    if sh.waiting.load(Ordering::Acquire) > 0 || sh.running.load(Ordering::Acquire) >= sh.max_threads {
+        return;
+    }
+    sh.running.fetch_add(1, Ordering::AcqRel);
+    let s2 = sh.clone();
+    match std::thread::Builder::new().name("tern-nbd-req".into()).spawn(move || worker(&s2)) {
+        Ok(h) => sh.threads.lock().unwrap_or_else(|e| e.into_inner()).push(h),
+        // Fewer threads only means less parallelism.
+        Err(_) => {
+            sh.running.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn worker(sh: &Arc<Shared>) {
+    // The read side, while this thread holds it.
+    let mut held = None;
     loop {
-        let job = {
-            let mut r = sh.reader.lock().unwrap_or_else(|e| e.into_inner());
-            if sh.closing.load(Ordering::Acquire) {
-                return;
-            }
-            match read_request(&sh.session, &mut *r, &mut buf, Some(&sh.budget)) {
-                Ok(Some(job)) => job,
-                Ok(None) => {
-                    sh.closing.store(true, Ordering::Release);
-                    return;
-                }
-                Err(end) => {
-                    sh.closing.store(true, Ordering::Release);
-                    let mut e = sh.end.lock().unwrap_or_else(|e| e.into_inner());
-                    e.get_or_insert(end);
-                    (sh.kill)();
-                    return;
-                }
+        // The buffer freed last is the one reused first: it is still in the caches.
+        let mut buf = sh.buffers.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+        let mut r = match held.take() {
+            Some(r) => r,
+            None => {
+                sh.waiting.fetch_add(1, Ordering::AcqRel);
+                let r = sh.reader.lock().unwrap_or_else(|e| e.into_inner());
+                sh.waiting.fetch_sub(1, Ordering::AcqRel);
+                r
             }
         };
+        if sh.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let job = match read_request(&sh.session, &mut *r, &mut buf, Some(&sh.budget)) {
+            Ok(Some(job)) => job,
+            Ok(None) => {
+                sh.closing.store(true, Ordering::Release);
+                return;
+            }
+            Err(end) => {
+                sh.closing.store(true, Ordering::Release);
+                let mut e = sh.end.lock().unwrap_or_else(|e| e.into_inner());
+                e.get_or_insert(end);
+                (sh.kill)();
+                return;
+            }
+        };
+        // Another request already waiting, or a large one to serve: let a follower
+        // read on while this one is served. Otherwise (queue depth 1, small requests)
+        // keep the read side and serve this one first: a hand-off between threads
+        // would cost more than the request.
+        if job.req.length > INLINE_MAX || !r.buffer().is_empty() || (sh.pending)() {
+            drop(r);
+            grow(sh);
+        } else {
+            held = Some(r);
+        }
         let reply = execute(&sh.session, &job, &mut buf);
         let sent = {
             let mut w = sh.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -475,8 +535,8 @@ fn worker(sh: &Shared) {
             (sh.kill)();
             return;
         }
-        if buf.len() > KEEP_BUFFER {
-            buf = Vec::new();
+        if buf.len() <= KEEP_BUFFER {
+            sh.buffers.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
         }
     }
 }
