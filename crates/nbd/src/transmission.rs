@@ -510,11 +510,12 @@ fn worker(sh: &Arc<Shared>) {
                 return;
             }
         };
-        // Another request already waiting, or a large one to serve: let a follower
-        // read on while this one is served. Otherwise (queue depth 1, small requests)
-        // keep the read side and serve this one first: a hand-off between threads
-        // would cost more than the request.
-        if job.req.length > INLINE_MAX || !r.buffer().is_empty() || (sh.pending)() {
+        // Another request already waiting, or a large or slow one (a flush waits for
+        // the disk) to serve: let a follower read on while this one is served.
+        // Otherwise (queue depth 1, small requests) keep the read side and serve this
+        // one first: a hand-off between threads would cost more than the request.
+        let slow = job.req.length > INLINE_MAX || job.req.kind == CMD_FLUSH;
+        if slow || !r.buffer().is_empty() || (sh.pending)() {
             drop(r);
             grow(sh);
         } else {
