@@ -264,3 +264,44 @@ fn sockets_are_private_tcp_needs_loopback_and_stop_is_clean() {
     stop.stop();
     t.join().unwrap();
 }
+
+#[test]
+fn libnbd_clients_in_parallel_while_others_misbehave() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("d.raw");
+    std::fs::File::create(&f).unwrap().set_len(8 << 20).unwrap();
+    let export: Arc<dyn Export> = Arc::new(FileExport::open(&f, false).unwrap());
+    let tern = Tern::start(dir.path(), vec![("d".into(), export)]);
+    let socket = tern.socket.clone();
+    // Misbehaving clients the whole time the good ones work: garbage, and writes whose
+    // payload never comes.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let nuisance = std::thread::spawn(move || {
+        let mut n = 0u64;
+        // Bounded: at least one round, at most 2000, or until the good clients are done.
+        loop {
+            if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&socket) {
+                let _ = s.write_all(&pattern(512, n));
+            }
+            let mut half = Raw::connect(&socket);
+            half.go("d");
+            half.send(CMD_WRITE, 0, 1, 0, 65536, &[0xee; 100]);
+            n += 1;
+            if stop2.load(std::sync::atomic::Ordering::Relaxed) || n >= 2000 {
+                return n;
+            }
+        }
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/connections.py");
+    let out = ok(support::nbdsh()
+        .env("TERN_URI", tern.uri("d"))
+        .args(["-c", &format!("exec(open({script:?}).read())")]));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = nuisance.join().unwrap();
+    assert_eq!(out.trim(), "ok 256", "{out}");
+    assert!(rounds > 0);
+    // No byte of the half writes landed.
+    let bytes = std::fs::read(&f).unwrap();
+    assert!(!bytes.contains(&0xee));
+}
