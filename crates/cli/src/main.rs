@@ -179,13 +179,13 @@ enum Command {
     /// The rate is guest bytes per second over the last minute of the running
     /// replication; the ETA assumes it holds.
     Status(replicate_cmd::StatusArgs),
-    /// List a VM's recovery points (read from the store).
+    /// List a VM's recovery points (read from the store); `points serve` exports one over NBD.
     Points(replicate_cmd::PointsArgs),
     /// The long-running data mover: replicates every enabled VM at its frequency.
     ///
     /// Every VM with replication enabled (`tern replicate NAME --frequency ...`) is
-    /// replicated at its frequency, one pass after another: the initial replication, then a delta cycle each time (for VMs in
-    /// QEMU; VMs of image files get a full pass, deduplicated). Resumes what a stopped
+    /// replicated at its frequency, one pass after another: the initial replication, then a delta cycle each time (VMs in
+    /// QEMU: what the dirty bitmaps recorded; VMs of image files: what a comparison with the last point finds). Resumes what a stopped
     /// agent was doing; SIGTERM or SIGINT stops it cleanly. One per data directory;
     /// a systemd unit is in contrib/tern-agent.service.
     Agent(agent_cmd::AgentArgs),

@@ -522,10 +522,14 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct PointsArgs {
+    #[command(subcommand)]
+    command: Option<PointsCommand>,
     /// The VM: its name (found through the store's manifests if this host does not
     /// know it) or its id.
-    name: String,
+    #[arg(required = true)]
+    name: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -533,15 +537,26 @@ pub struct PointsArgs {
     globals: StoreOptions,
 }
 
+/// `tern points serve`.
+#[derive(clap::Subcommand)]
+pub enum PointsCommand {
+    /// Serve a recovery point over NBD straight from the store (instant test boot).
+    Serve(crate::serve_cmd::PointsServeArgs),
+}
+
 /// List recovery points from the store (the truth), oldest first.
 pub fn points(g: &GlobalArgs, a: PointsArgs) -> Result<ExitCode> {
+    if let Some(PointsCommand::Serve(s)) = a.command {
+        return crate::serve_cmd::points_serve(g, s);
+    }
+    let Some(name) = a.name.as_deref() else { anyhow::bail!("give the VM's name") };
     let engine = g.with_store(&a.globals).engine_read_only()?;
-    let store = engine.open_store_at(&engine.store_url_for(&a.name)?, false)?;
+    let store = engine.open_store_at(&engine.store_url_for(name)?, false)?;
     let key = engine.load_key()?;
     let rt = engine.runtime()?;
     let points = rt.block_on(async {
         engine.check_store(&store, &key, false).await?;
-        let id = tern_engine::find_vm(&engine, &store, &key, &a.name).await?;
+        let id = tern_engine::find_vm(&engine, &store, &key, name).await?;
         tern_engine::list_points(&engine, &store, &key, &id).await
     })?;
     if a.json {
@@ -550,7 +565,7 @@ pub fn points(g: &GlobalArgs, a: PointsArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if points.is_empty() {
-        outln!("VM {} has no recovery points in {}", a.name, store.url());
+        outln!("VM {} has no recovery points in {}", name, store.url());
     }
     for p in &points {
         let m = &p.manifest;

@@ -59,7 +59,8 @@ pub use manifest::{
     MANIFEST_FORMAT, MANIFEST_VERSION,
 };
 pub use migrate::{
-    migrate, MigrateEvent, MigrateFormat, MigrateOptions, MigrateReport, MigratedDisk, PointSelector,
+    migrate, open_point, MigrateEvent, MigrateFormat, MigrateOptions, MigrateReport, MigratedDisk, OpenPoint,
+    PointRuntime, PointSelector,
 };
 pub use paths::DataDir;
 pub use replicate::{

@@ -217,6 +217,80 @@ fn partial(p: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// A recovery point opened to be read in place (`tern points serve`): a point reader
+/// per disk, and the runtime they fetch with.
+pub struct OpenPoint {
+    /// The VM's name in the manifest.
+    pub vm_name: String,
+    /// The point.
+    pub point_id: String,
+    /// The point's instant (RFC 3339).
+    pub instant: String,
+    /// One reader per disk, in order: verified reads of the point.
+    pub disks: Vec<PointReader>,
+    // Dropped after the readers, which fetch through it.
+    _rt: tokio::runtime::Runtime,
+}
+
+/// The runtime the readers of an [`OpenPoint`] fetch through: keep it until they are
+/// dropped.
+pub struct PointRuntime(#[allow(dead_code)] tokio::runtime::Runtime);
+
+impl OpenPoint {
+    /// The readers, and the runtime to keep alive while they are used.
+    pub fn into_disks(self) -> (Vec<PointReader>, PointRuntime) {
+        (self.disks, PointRuntime(self._rt))
+    }
+}
+
+/// The point `selector` names among VM `vm_id`'s `points` (VM `name` to the user).
+fn select_point(points: &[String], selector: &PointSelector, name: &str) -> Result<String> {
+    match selector {
+        PointSelector::Latest => points
+            .last()
+            .cloned()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("VM {name:?} has no recovery point"))),
+        PointSelector::Id(id) => {
+            crate::check_point_id(id)?;
+            if !points.contains(id) {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("VM {name:?} has no point {id} (see `tern points {name}`)"),
+                ));
+            }
+            Ok(id.clone())
+        }
+    }
+}
+
+/// Open point `selector` of VM `name` for reading in place, straight from the store.
+pub fn open_point(engine: &Engine, name: &str, selector: &PointSelector) -> Result<OpenPoint> {
+    let store = engine.open_store_at(&engine.store_url_for(name)?, false)?;
+    let key = engine.load_key()?;
+    let rt = engine.runtime()?;
+    rt.block_on(engine.check_store(&store, &key, false))?;
+    let vm_id = rt.block_on(catalog::find_vm(engine, &store, &key, name))?;
+    let points = rt.block_on(store.list_points(&vm_id))?;
+    let point_id = select_point(&points, selector, name)?;
+    let env = rt.block_on(store.get_manifest(&vm_id, &point_id))?;
+    let manifest = Manifest::open(&key, &env, &vm_id, &point_id)
+        .map_err(|e| e.context(format!("manifest of point {point_id}")))?;
+    let mut disks = Vec::new();
+    for d in &manifest.disks {
+        let r = rt
+            .block_on(PointReader::open(&key, &store, rt.handle().clone(), &vm_id, &point_id, d))
+            .map_err(|e| e.context(format!("disk {} of point {point_id}", d.index)))?;
+        disks.push(r);
+    }
+    Ok(OpenPoint {
+        vm_name: manifest.vm.name.clone(),
+        point_id,
+        instant: manifest.instant.clone(),
+        disks,
+        _rt: rt,
+    })
+}
+
 /// Migrate VM `name` (a name or a store VM id) from the engine's store.
 pub fn migrate(
     engine: &Engine,
@@ -231,22 +305,7 @@ pub fn migrate(
     rt.block_on(engine.check_store(&store, &key, false))?;
     let vm_id = rt.block_on(catalog::find_vm(engine, &store, &key, name))?;
     let points = rt.block_on(store.list_points(&vm_id))?;
-    let point_id = match &opts.point {
-        PointSelector::Latest => points
-            .last()
-            .cloned()
-            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("VM {name:?} has no recovery point")))?,
-        PointSelector::Id(id) => {
-            crate::check_point_id(id)?;
-            if !points.contains(id) {
-                return Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!("VM {name:?} has no point {id} (see `tern points {name}`)"),
-                ));
-            }
-            id.clone()
-        }
-    };
+    let point_id = select_point(&points, &opts.point, name)?;
     let env = rt.block_on(store.get_manifest(&vm_id, &point_id))?;
     let manifest = Manifest::open(&key, &env, &vm_id, &point_id)
         .map_err(|e| e.context(format!("manifest of point {point_id}")))?;
