@@ -56,7 +56,9 @@ impl Qsd {
             .spawn()
             .expect("qemu-storage-daemon (qemu-system-common) is needed");
         let until = Instant::now() + Duration::from_secs(20);
-        while !(qmp.exists() && nbd.exists()) {
+        // Listening, not only bound: a socket file exists a moment before it accepts.
+        let up = |p: &Path| std::os::unix::net::UnixStream::connect(p).is_ok();
+        while !(up(qmp) && up(nbd)) {
             assert!(Instant::now() < until, "qemu-storage-daemon did not start");
             std::thread::sleep(Duration::from_millis(20));
         }

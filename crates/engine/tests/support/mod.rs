@@ -178,7 +178,9 @@ impl Qsd {
             "qemu-storage-daemon is needed (Debian package qemu-system-common; scripts/deps installs it)",
         );
         let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !(qmp.exists() && nbd.exists()) {
+        // Listening, not only bound: a socket file exists a moment before it accepts.
+        let up = |p: &Path| std::os::unix::net::UnixStream::connect(p).is_ok();
+        while !(up(qmp) && up(nbd)) {
             assert!(std::time::Instant::now() < until, "qemu-storage-daemon did not create its sockets");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
@@ -381,7 +383,8 @@ impl QemuSystem {
             .spawn()
             .unwrap_or_else(|e| panic!("{}: {e}; run scripts/deps", bin.display()));
         let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !qmp.exists() {
+        // Listening, not only bound: a socket file exists a moment before it accepts.
+        while std::os::unix::net::UnixStream::connect(qmp).is_err() {
             if let Some(status) = child.try_wait().unwrap() {
                 let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
                 panic!("{} exited ({status}) before creating its QMP socket:\n{log}", bin.display());
