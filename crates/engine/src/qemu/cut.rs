@@ -395,58 +395,15 @@ impl Tracker {
     }
 
     /// Bring the VM's bitmaps to the state "bitmap `seq` records every change since
-    /// the last committed point" after a failed or killed cycle: bitmaps older than
-    /// `seq` (their points are committed) are removed; newer ones (a cut not committed)
-    /// are merged into `seq`, which is enabled again; per disk in one transaction, so
-    /// no write falls between. Returns `false` (and changes nothing) when bitmap `seq`
-    /// is missing or inconsistent on any disk: tracking was lost (QEMU restarted
-    /// without a clean close, a raw disk's bitmap, someone removed it), and the caller
-    /// must resync.
-    pub fn reconcile(&self, qmp: &mut Qmp, seq: u64) -> Result<bool, QmpError> {
-        let prefix = format!("tern-{}-", self.vm);
-        let want = bitmap_name(&self.vm, seq);
-        let mut plans = Vec::new();
-        for d in &self.disks {
-            let ours: Vec<(u64, BitmapInfo)> = bitmaps(qmp, &d.node)?
-                .into_iter()
-                .filter_map(|b| Some((b.name.strip_prefix(&prefix)?.parse::<u64>().ok()?, b)))
-                .collect();
-            match ours.iter().find(|(n, _)| *n == seq) {
-                Some((_, b)) if !b.inconsistent => plans.push((d, ours.clone(), b.recording)),
-                _ => return Ok(false),
-            }
-        }
-        for (d, ours, recording) in plans {
-            let mut actions = Vec::new();
-            let newer: Vec<&str> =
-                ours.iter().filter(|(n, _)| *n > seq).map(|(_, b)| b.name.as_str()).collect();
-            if !newer.is_empty() {
-                actions.push(json!({ "type": "block-dirty-bitmap-merge",
-                    "data": { "node": d.node, "target": want, "bitmaps": newer } }));
-            }
-            if !recording {
-                actions.push(
-                    json!({ "type": "block-dirty-bitmap-enable", "data": { "node": d.node, "name": want } }),
-                );
-            }
-            for (n, b) in &ours {
-                if *n != seq {
-                    actions.push(json!({ "type": "block-dirty-bitmap-remove",
-                        "data": { "node": d.node, "name": b.name } }));
-                }
-            }
-            if !actions.is_empty() {
-                qmp.transaction(actions)?;
-            }
-        }
-        Ok(true)
-    }
-
-    /// [`Tracker::reconcile`] disk by disk: each disk whose bitmap `seq` is there and
-    /// consistent is reconciled; every bitmap of tern's is removed from the others,
-    /// whose tracking is lost (they start afresh at the next cut). Returns, per disk,
-    /// whether its tracking is intact.
-    pub fn reconcile_disks(&self, qmp: &mut Qmp, seq: u64) -> Result<Vec<bool>, QmpError> {
+    /// the last committed point" after a failed or killed cycle, disk by disk: on each
+    /// disk whose bitmap `seq` is there and consistent, bitmaps older than `seq` (their
+    /// points are committed) are removed and newer ones (a cut not committed) are
+    /// merged into `seq`, which is enabled again, in one transaction, so no write falls
+    /// between. On a disk where bitmap `seq` is missing or inconsistent (QEMU restarted
+    /// without a clean close, a raw disk's bitmap, someone removed it) tracking is
+    /// lost: every bitmap of tern's is removed from it, and it starts afresh at the
+    /// next cut. Returns, per disk, whether its tracking is intact.
+    pub fn reconcile(&self, qmp: &mut Qmp, seq: u64) -> Result<Vec<bool>, QmpError> {
         let prefix = format!("tern-{}-", self.vm);
         let want = bitmap_name(&self.vm, seq);
         let mut intact = Vec::new();

@@ -261,7 +261,7 @@ impl TrackingSource for QemuSource {
     }
 
     fn restore(&mut self, seq: u64) -> Result<Tracked> {
-        let intact = self.tracker.reconcile_disks(&mut self.qmp, seq).map_err(qmp_err)?;
+        let intact = self.tracker.reconcile(&mut self.qmp, seq).map_err(qmp_err)?;
         let lost: Vec<bool> = intact.iter().map(|ok| !ok).collect();
         let why = |which: &str| {
             format!(
