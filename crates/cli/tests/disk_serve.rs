@@ -3,69 +3,15 @@
 
 mod support;
 
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use support::{fails, qemu, tern, wait_bounded};
+use support::serve::{Serve, SIGINT, SIGTERM};
+use support::{fails, qemu, tern};
 
-/// A running `tern disk serve --json`, with its report; SIGKILLed on drop if still up.
-struct Serve {
-    child: Child,
-    report: serde_json::Value,
+fn serve(data: &Path, args: &[&str]) -> Serve {
+    Serve::start(data, &["disk", "serve"], args)
 }
-
-impl Serve {
-    fn start(data: &Path, args: &[&str]) -> Serve {
-        let mut child = tern(data)
-            .args(["disk", "serve", "--json"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut text = String::new();
-        // The report is one pretty-printed object: it ends with a line "}". Bounded by
-        // the server printing it or exiting (end of stream).
-        loop {
-            let mut line = String::new();
-            if out.read_line(&mut line).unwrap() == 0 {
-                panic!("tern disk serve {args:?} exited before it was ready: {text}");
-            }
-            text.push_str(&line);
-            if line == "}\n" {
-                break;
-            }
-        }
-        Serve { child, report: serde_json::from_str(&text).unwrap() }
-    }
-
-    fn uri(&self, i: usize) -> String {
-        self.report["exports"][i]["uri"].as_str().unwrap().to_string()
-    }
-
-    fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
-        // SAFETY: a signal to the child this test started.
-        unsafe { libc_kill(self.child.id() as i32, sig) };
-        wait_bounded(&mut self.child, Duration::from_secs(20)).expect("tern disk serve stops on a signal")
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-const SIGINT: i32 = 2;
-const SIGTERM: i32 = 15;
 
 fn run(tool: &str, args: &[&str]) -> std::process::Output {
     Command::new(tool)
@@ -97,7 +43,7 @@ fn every_format_is_served_and_reads_back_as_qemu_reads_the_file() {
     qemu("qemu-img", &["convert", "-f", "qcow2", "-O", "vpc", &p("a.qcow2"), &p("b.vhd")]);
     qemu("qemu-img", &["convert", "-f", "qcow2", "-O", "vhdx", &p("a.qcow2"), &p("c.vhdx")]);
     qemu("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", &p("a.qcow2"), &p("d.raw")]);
-    let mut s = Serve::start(d, &[&p("a.qcow2"), &p("b.vhd"), &p("c.vhdx"), &p("d.raw")]);
+    let mut s = serve(d, &[&p("a.qcow2"), &p("b.vhd"), &p("c.vhdx"), &p("d.raw")]);
     let names: Vec<&str> =
         s.report["exports"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["a.qcow2", "b.vhd", "c.vhdx", "d.raw"]);
@@ -170,7 +116,7 @@ fn a_chosen_socket_read_only_raw_and_sigint_with_a_client_connected() {
     std::fs::write(&raw, vec![0x11u8; 1 << 20]).unwrap();
     let sock = dir.path().join("run").join("s.sock");
     let mut s =
-        Serve::start(dir.path(), &["--read-only", "--socket", sock.to_str().unwrap(), raw.to_str().unwrap()]);
+        serve(dir.path(), &["--read-only", "--socket", sock.to_str().unwrap(), raw.to_str().unwrap()]);
     assert_eq!(s.report["socket"].as_str().unwrap(), sock.to_str().unwrap());
     assert_eq!(s.uri(0), format!("nbd+unix:///disk.img?socket={}", sock.display()));
     use std::os::unix::fs::PermissionsExt;

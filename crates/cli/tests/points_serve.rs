@@ -6,67 +6,18 @@
 
 mod support;
 
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::time::Duration;
 
-use support::{ok, qemu, tern, wait_bounded};
+use support::serve::{Serve, SIGTERM};
+use support::{ok, qemu, tern};
 
-/// A running `tern points serve --json`, with its report; SIGKILLed on drop if still up.
-struct Serve {
-    child: Child,
-    report: serde_json::Value,
+fn serve(data: &Path, args: &[&str]) -> Serve {
+    Serve::start(data, &["points", "serve"], args)
 }
 
-impl Serve {
-    fn start(data: &Path, args: &[&str]) -> Serve {
-        let mut child = tern(data)
-            .args(["points", "serve", "--json"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut text = String::new();
-        // One pretty-printed object, ending with a line "}"; bounded by the server
-        // printing it or exiting (end of stream).
-        loop {
-            let mut line = String::new();
-            if out.read_line(&mut line).unwrap() == 0 {
-                panic!("tern points serve {args:?} exited before it was ready: {text}");
-            }
-            text.push_str(&line);
-            if line == "}\n" {
-                break;
-            }
-        }
-        Serve { child, report: serde_json::from_str(&text).unwrap() }
-    }
-
-    fn uri(&self, i: usize) -> String {
-        self.report["exports"][i]["uri"].as_str().unwrap().to_string()
-    }
-
-    fn stop(&mut self) {
-        // SAFETY: a signal to the child this test started.
-        unsafe { libc_kill(self.child.id() as i32, 15) };
-        let s = wait_bounded(&mut self.child, Duration::from_secs(20)).expect("it stops on SIGTERM");
-        assert!(s.success(), "{s}");
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
+fn stop(s: &mut Serve) {
+    let status = s.signal(SIGTERM);
+    assert!(status.success(), "{status}");
 }
 
 /// `qemu-img compare` of an NBD export with a raw image.
@@ -99,26 +50,25 @@ fn a_point_served_from_the_store_reads_as_its_migrated_image_and_an_overlay_chan
         let out = d.join(format!("out-{n}"));
         ok(tern(&data).args(["migrate", "web", "--format", "raw", "--point", id, "--out"]).arg(&out));
         // The newest point is the default.
-        let mut serve =
-            if n == 1 { Serve::start(&data, &["web"]) } else { Serve::start(&data, &["web", "--point", id]) };
-        assert_eq!(serve.report["exports"][0]["name"], "web-disk0");
-        assert_eq!(serve.report["exports"][0]["read_only"], true);
-        same(&serve.uri(0), &out.join("web-disk0.raw"));
-        same(&serve.uri(1), &out.join("web-disk1.raw"));
+        let mut srv = if n == 1 { serve(&data, &["web"]) } else { serve(&data, &["web", "--point", id]) };
+        assert_eq!(srv.report["exports"][0]["name"], "web-disk0");
+        assert_eq!(srv.report["exports"][0]["read_only"], true);
+        same(&srv.uri(0), &out.join("web-disk0.raw"));
+        same(&srv.uri(1), &out.join("web-disk1.raw"));
         // Read-only means read-only.
         let w = std::process::Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "write -P 0x99 0 4k", &serve.uri(0)])
+            .args(["-f", "raw", "-c", "write -P 0x99 0 4k", &srv.uri(0)])
             .output()
             .unwrap();
         assert!(!w.status.success() || !String::from_utf8_lossy(&w.stdout).contains("wrote"), "{w:?}");
-        serve.stop();
+        stop(&mut srv);
     }
 
     // Writable: the client's writes read back, and vanish with the server.
     let newest = d.join("out-1").join("web-disk0.raw");
-    let mut serve = Serve::start(&data, &["web", "--writable"]);
-    assert_eq!(serve.report["exports"][0]["read_only"], false);
-    let uri = serve.uri(0);
+    let mut writable = serve(&data, &["web", "--writable"]);
+    assert_eq!(writable.report["exports"][0]["read_only"], false);
+    let uri = writable.uri(0);
     qemu("qemu-io", &["-f", "raw", "-c", "write -P 0x77 1000 70000", "-c", "write -z 4M 64k", &uri]);
     let r = std::process::Command::new("qemu-io")
         .args([
@@ -136,10 +86,10 @@ fn a_point_served_from_the_store_reads_as_its_migrated_image_and_an_overlay_chan
         .unwrap();
     let text = String::from_utf8_lossy(&r.stdout);
     assert!(r.status.success() && !text.contains("Pattern verification failed"), "{text}");
-    serve.stop();
-    let mut again = Serve::start(&data, &["web"]);
+    stop(&mut writable);
+    let mut again = serve(&data, &["web"]);
     same(&again.uri(0), &newest);
-    again.stop();
+    stop(&mut again);
     let v = ok(tern(&data).args(["store", "verify", "--read-data"]));
     assert!(v.contains(": 0 problem(s)"), "{v}");
 }

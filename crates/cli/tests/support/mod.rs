@@ -7,6 +7,7 @@
 mod oracle;
 pub mod proxy;
 pub mod qsd;
+pub mod serve;
 
 #[allow(unused_imports)] // Each test binary uses a different subset.
 pub use oracle::{qemu, sha256_file as sha256};
