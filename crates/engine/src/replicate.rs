@@ -348,7 +348,7 @@ pub(crate) fn full_pass(
         instant: repl.instant.clone(),
         manifest: json,
     })?;
-    release_snapshots(engine, vm, &disks);
+    // The snapshots are the tracking source's: it releases them (crate::track).
     Ok(ReplicateReport {
         vm: vm.name.clone(),
         point_id: repl.point_id,

@@ -275,15 +275,6 @@ impl ScanSource {
     fn cut_dir(&self, seq: u64) -> PathBuf {
         self.snapshots.join(format!("cut-{seq}"))
     }
-
-    fn remove_reflinks(dir: &Path, disks: impl Iterator<Item = (PathBuf, SnapshotKind)>) {
-        for (path, kind) in disks {
-            if kind == SnapshotKind::Reflink {
-                let _ = std::fs::remove_file(path);
-            }
-        }
-        let _ = std::fs::remove_dir(dir);
-    }
 }
 
 impl TrackingSource for ScanSource {
@@ -416,7 +407,15 @@ impl TrackingSource for ScanSource {
     }
 
     fn release(&mut self, cut: &mut ScanCut) -> Result<()> {
-        Self::remove_reflinks(&cut.dir, cut.disks.iter().map(|d| (d.read_path.clone(), d.snapshot)));
+        // Only the reflink copies tern made: never an image read in place.
+        for d in cut.disks.iter().filter(|d| d.snapshot == SnapshotKind::Reflink) {
+            let _ = std::fs::remove_file(&d.read_path);
+            // Its folder: this cut's, or (resumed) the one an earlier run made.
+            if let Some(parent) = d.read_path.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+        let _ = std::fs::remove_dir(&cut.dir);
         let _ = std::fs::remove_dir(&self.snapshots);
         Ok(())
     }

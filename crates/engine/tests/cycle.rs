@@ -12,10 +12,7 @@ mod support;
 
 use std::path::PathBuf;
 
-use tern_engine::{
-    add_qemu_vm, migrate, ErrorKind, MigrateFormat, MigrateOptions, PointKind, PointSelector, QemuVmSpec,
-    ReplicateOptions,
-};
+use tern_engine::{add_qemu_vm, ErrorKind, PointKind, QemuVmSpec, ReplicateOptions};
 
 const MIB: u64 = 1 << 20;
 
@@ -59,22 +56,7 @@ fn tern_objects(vm: &support::Qsd) -> Vec<String> {
 }
 
 fn migrate_point(h: &support::Host, point: &str, out: &std::path::Path) -> Vec<String> {
-    let r = migrate(
-        &h.engine,
-        "web",
-        &MigrateOptions {
-            point: PointSelector::Id(point.into()),
-            format: MigrateFormat::Raw,
-            out_dir: out.into(),
-            test: false,
-            threads: 3,
-            sync: false,
-            verify: true,
-        },
-        &|_| {},
-    )
-    .unwrap();
-    r.disks.iter().map(|d| support::sha256_file(&d.path)).collect()
+    support::migrate_point(&h.engine, "web", point, out).iter().map(|p| support::sha256_file(p)).collect()
 }
 
 #[test]

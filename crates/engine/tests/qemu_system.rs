@@ -50,22 +50,7 @@ impl Model {
 
 /// Point `point` of VM "vm" migrated to raw images in `out`: their paths.
 fn migrate_point(h: &support::Host, point: &str, out: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let r = tern_engine::migrate(
-        &h.engine,
-        "vm",
-        &tern_engine::MigrateOptions {
-            point: tern_engine::PointSelector::Id(point.into()),
-            format: tern_engine::MigrateFormat::Raw,
-            out_dir: out.into(),
-            test: false,
-            threads: 2,
-            sync: false,
-            verify: true,
-        },
-        &|_| {},
-    )
-    .unwrap();
-    r.disks.into_iter().map(|d| d.path).collect()
+    support::migrate_point(&h.engine, "vm", point, out)
 }
 
 /// Names of tern's objects in QEMU: nodes, bitmaps, exports, jobs.

@@ -10,7 +10,7 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use support::{add_vm, host, qemu, qemu_compare, run_replicate};
-use tern_engine::{migrate, MigrateFormat, MigrateOptions, PointKind, PointSelector, ReplicateOptions};
+use tern_engine::{PointKind, ReplicateOptions};
 
 const MIB: u64 = 1 << 20;
 
@@ -19,22 +19,7 @@ fn s(p: &Path) -> String {
 }
 
 fn migrate_point(h: &support::Host, point: &str, out: &Path) -> Vec<PathBuf> {
-    let r = migrate(
-        &h.engine,
-        "vm",
-        &MigrateOptions {
-            point: PointSelector::Id(point.to_string()),
-            format: MigrateFormat::Raw,
-            out_dir: out.into(),
-            test: false,
-            threads: 2,
-            sync: false,
-            verify: true,
-        },
-        &|_| {},
-    )
-    .unwrap();
-    r.disks.into_iter().map(|d| d.path).collect()
+    support::migrate_point(&h.engine, "vm", point, out)
 }
 
 #[test]

@@ -79,6 +79,26 @@ pub fn run_migrate(
     )
 }
 
+/// Point `point` of VM `name` migrated to raw images in `out` (verified): their paths.
+pub fn migrate_point(engine: &Engine, name: &str, point: &str, out: &Path) -> Vec<PathBuf> {
+    let r = migrate(
+        engine,
+        name,
+        &MigrateOptions {
+            point: PointSelector::Id(point.into()),
+            format: MigrateFormat::Raw,
+            out_dir: out.into(),
+            test: false,
+            threads: 3,
+            sync: false,
+            verify: true,
+        },
+        &|_| {},
+    )
+    .unwrap();
+    r.disks.into_iter().map(|d| d.path).collect()
+}
+
 /// `qemu-img compare` of `a` (QEMU driver `fa`) with `b` (driver `fb`). Formats are
 /// always given: QEMU probes a fixed VHD as raw.
 pub fn qemu_compare(a: &Path, fa: &str, b: &Path, fb: &str) {
