@@ -15,18 +15,24 @@ use std::time::{Duration, Instant};
 use support::qsd::Qsd;
 use support::{ok, tern, wait_bounded, Rng};
 
-/// Start an agent and wait (bounded) until it says it runs (it holds its lock then).
-fn start_agent(data: &Path, log: &Path) -> Child {
-    let starts = |t: &str| t.matches("tern agent: replicating").count();
-    let before = std::fs::read_to_string(log).map(|t| starts(&t)).unwrap_or(0);
+/// An agent cycling every second, its output appended to `log`, with `env` set.
+fn spawn_agent(data: &Path, log: &Path, env: &[(&str, &str)]) -> Child {
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    let child = tern(data)
+    tern(data)
         .args(["agent", "--frequency", "1s", "--threads", "2"])
+        .envs(env.iter().copied())
         .stdout(out.try_clone().unwrap())
         .stderr(out)
         .stdin(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Start an agent and wait (bounded) until it says it runs (it holds its lock then).
+fn start_agent(data: &Path, log: &Path) -> Child {
+    let starts = |t: &str| t.matches("tern agent: replicating").count();
+    let before = std::fs::read_to_string(log).map(|t| starts(&t)).unwrap_or(0);
+    let child = spawn_agent(data, log, &[]);
     let until = Instant::now() + Duration::from_secs(30);
     while starts(&std::fs::read_to_string(log).unwrap_or_default()) == before {
         assert!(Instant::now() < until, "the agent did not start");
@@ -159,15 +165,7 @@ fn a_kill_9_at_each_phase_of_a_cycle_loses_nothing_and_costs_no_resync() {
         let n = n as u64;
         vm.write_random("disk0", (n + 4) << 20, 256 << 10, 10 + n);
         vm.write_random("disk1", (n + 1) << 20 | 4096, 100 << 10, 20 + n);
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let mut agent = tern(&data)
-            .args(["agent", "--frequency", "1s", "--threads", "2"])
-            .env("TERN_TEST_STALL_AT", phase)
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut agent = spawn_agent(&data, &log, &[("TERN_TEST_STALL_AT", phase)]);
         let marker = format!("tern-test: at {phase}");
         let until = Instant::now() + Duration::from_secs(60);
         while std::fs::read_to_string(&log).unwrap_or_default().matches(&marker).count() == 0 {
