@@ -348,7 +348,11 @@ pub fn status(g: &GlobalArgs, a: StatusArgs) -> Result<ExitCode> {
             },
             last_point_age_seconds: t.last_point.as_deref().and_then(point_age),
             last_point: t.last_point,
-            source: if vm.qemu.is_some() { "qemu" } else { "scan" },
+            source: match &vm.qemu {
+                Some(q) if q.journal => "journal",
+                Some(_) => "qemu",
+                None => "scan",
+            },
             mode: vm.qemu.as_ref().map(|q| if q.push { "push" } else { "pull" }),
             bitmap_seq: t.seq,
             last_error: t.last_error,

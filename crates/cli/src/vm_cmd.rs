@@ -59,6 +59,13 @@ pub enum VmCommand {
         /// is already in use and --nbd is not given.
         #[arg(long, value_enum, value_name = "MODE", default_value = "auto", requires = "qmp")]
         mode: CutModeArg,
+        /// With --qmp: how changes are tracked. qemu: QEMU's dirty bitmaps, one cut
+        /// per cycle (an RPO of the cycle's length). journal: QEMU's write-blocking
+        /// mirror also sends every guest write to `tern agent` as it happens, and
+        /// every cycle is a mark (a point every 5 s by default; see docs/journal.md).
+        /// Needs pull mode.
+        #[arg(long, value_enum, value_name = "SOURCE", default_value = "qemu", requires = "qmp")]
+        tracking: TrackingArg,
         /// Virtual CPUs, 1 to 1024 [default: 2, or what QEMU reports].
         #[arg(long)]
         cpus: Option<u32>,
@@ -134,6 +141,15 @@ impl DiskFormatArg {
     }
 }
 
+/// `vm add --tracking`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrackingArg {
+    /// QEMU's dirty bitmaps.
+    Qemu,
+    /// QEMU's write-blocking mirror into tern, beside the bitmaps.
+    Journal,
+}
+
 /// `vm add --mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CutModeArg {
@@ -155,6 +171,7 @@ pub fn run(g: &GlobalArgs, cmd: VmCommand) -> Result<ExitCode> {
             nodes,
             nbd,
             mode,
+            tracking,
             cpus,
             memory,
             firmware,
@@ -177,6 +194,7 @@ pub fn run(g: &GlobalArgs, cmd: VmCommand) -> Result<ExitCode> {
                         CutModeArg::Pull => Some(false),
                         CutModeArg::Push => Some(true),
                     },
+                    journal: tracking == TrackingArg::Journal,
                     cpus,
                     memory_bytes: memory.map(|m| m.bytes()),
                     firmware,
@@ -199,6 +217,11 @@ pub fn run(g: &GlobalArgs, cmd: VmCommand) -> Result<ExitCode> {
                     );
                 } else {
                     outln!("  cuts: pull (tern reads NBD exports of QEMU's frozen views)");
+                }
+                if q.journal {
+                    outln!(
+                        "  tracking: journal (QEMU's write-blocking mirror into `tern agent`; a point every 5 s by default)"
+                    );
                 }
                 for (i, (d, node)) in vm.disks.iter().zip(&q.nodes).enumerate() {
                     let fmt = d.format.map_or("?", |f| f.name());

@@ -20,6 +20,8 @@ use crate::{Engine, Error, ErrorKind, ReplicateEvent, ReplicateOptions, Replicat
 
 /// The agent's frequency when none is given: every 5 minutes.
 pub const DEFAULT_FREQUENCY: Duration = Duration::from_secs(300);
+/// The frequency of a `--tracking journal` VM that sets none: a point every 5 s.
+pub const JOURNAL_FREQUENCY: Duration = Duration::from_secs(5);
 /// Shortest frequency accepted.
 pub const MIN_FREQUENCY: Duration = Duration::from_secs(1);
 /// Longest frequency accepted: a week.
@@ -143,6 +145,9 @@ pub fn run_agent(
     observer(AgentEvent::Started);
     let mut replicate = opts.replicate.clone();
     replicate.cancel = Some(opts.stop);
+    // The journals of `--tracking journal` VMs run between passes, in this process.
+    let journals = crate::journal::Journals::new();
+    replicate.journals = Some(journals.clone());
     // When each VM is due next; a VM not in it is due now (also after a restart: what
     // an earlier agent was doing resumes at once).
     let mut due: HashMap<String, Instant> = HashMap::new();
@@ -169,7 +174,19 @@ pub fn run_agent(
         }
         let now = Instant::now();
         let mut next: Option<(Instant, crate::VmDef, Duration)> = None;
-        for vm in engine.db().vm_list()? {
+        let vms = engine.db().vm_list()?;
+        for id in journals.running() {
+            // A journal of a VM removed, paused, disabled or switched to bitmaps stops
+            // (its mirror fails on the next write; the guest never sees it).
+            let keep = vms.iter().find(|v| v.id == id).is_some_and(|v| {
+                v.qemu.as_ref().is_some_and(|q| q.journal)
+                    && engine.db().settings(&v.id).is_ok_and(|s| s.enabled && !s.paused)
+            });
+            if !keep {
+                journals.stop(&id);
+            }
+        }
+        for vm in vms {
             let s = engine.db().settings(&vm.id)?;
             if !s.enabled || s.paused {
                 due.remove(&vm.id);
@@ -177,7 +194,8 @@ pub fn run_agent(
             }
             let at = *due.get(&vm.id).unwrap_or(&now);
             if next.as_ref().is_none_or(|(t, _, _)| at < *t) {
-                let f = frequency_of(&s, opts.frequency);
+                let journal = vm.qemu.as_ref().is_some_and(|q| q.journal);
+                let f = frequency_of(&s, if journal { JOURNAL_FREQUENCY } else { opts.frequency });
                 next = Some((at, vm, f));
             }
         }

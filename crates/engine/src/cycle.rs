@@ -136,6 +136,22 @@ pub(crate) fn run(
     let snapshots = engine.data_dir().snapshots_dir().join(&vm.id);
     let res = match &vm.qemu {
         Some(q) => match QemuSource::open(vm, &ctx.dir, GRANULARITY, opts.test_stagger) {
+            Ok(src) if q.journal => match &opts.journals {
+                Some(journals) => {
+                    let budget = db.settings(&vm.id)?.log_budget.unwrap_or(DEFAULT_LOG_BUDGET);
+                    let src =
+                        crate::journal::source::JournalSource::open(src, journals, vm, &ctx.dir, budget)?;
+                    ctx.run(src)
+                }
+                None => {
+                    observer(ReplicateEvent::Warning(
+                        "the journal runs in `tern agent`: this pass is a dirty-bitmap cycle".into(),
+                    ));
+                    let mut src = src;
+                    crate::journal::source::stop_mirrors(&mut src)?;
+                    ctx.run(src)
+                }
+            },
             Ok(src) => ctx.run(src),
             // A VM that is shut off is scanned: its images are read (never with
             // --force: nothing may have them open for writing) and compared with the
@@ -767,7 +783,7 @@ fn log_header(
     }
 }
 
-fn vm_id_bytes(id: &str) -> [u8; 16] {
+pub(crate) fn vm_id_bytes(id: &str) -> [u8; 16] {
     let mut b = [0u8; 16];
     if let Ok(v) = hex::decode(id) {
         let n = v.len().min(16);
@@ -792,6 +808,8 @@ pub struct QemuVmSpec {
     /// (tern reads NBD exports) when `Some(false)`; `None`: pull when an NBD server is
     /// usable (`nbd`, or one tern can start), else push.
     pub push: Option<bool>,
+    /// Track by journal (`--tracking journal`): needs pull mode.
+    pub journal: bool,
     /// vCPUs, memory and firmware when QEMU cannot tell (qemu-storage-daemon) or the
     /// user says otherwise.
     pub cpus: Option<u32>,
@@ -910,6 +928,7 @@ pub fn add_qemu_vm(engine: &Engine, spec: &QemuVmSpec) -> Result<VmDef> {
             nodes: nodes.clone(),
             push: spec.push == Some(true),
             devices: by_device,
+            journal: spec.journal,
         }),
     }
     .validate()?;
@@ -961,6 +980,13 @@ pub fn add_qemu_vm(engine: &Engine, spec: &QemuVmSpec) -> Result<VmDef> {
     }
     let schema = crate::qemu::caps::Schema::query(&mut qmp).map_err(qmp_err)?;
     let push = vm.qemu.as_ref().expect("set above").push;
+    if spec.journal && push {
+        return Err(Error::invalid(format!(
+            "--tracking journal reads the live disks over QEMU's NBD server when it resyncs, and QEMU at {} \
+             has one tern cannot use: give its socket with --nbd",
+            qmp_path.display()
+        )));
+    }
     let missing = crate::qemu::caps::missing(&schema, push);
     if !missing.is_empty() {
         return Err(Error::invalid(format!(

@@ -591,6 +591,15 @@ impl StateDb {
     }
 
     /// Fix the store VM `vm_id` replicates to.
+    /// Record how VM `vm_id` is reached in its QEMU (its tracking mode, say).
+    pub fn vm_set_qemu(&self, vm_id: &str, qemu: &crate::QemuSource) -> Result<()> {
+        let json = serde_json::to_string(qemu)
+            .map_err(|e| Error::invalid(format!("encoding the QEMU source: {e}")))?;
+        self.conn().execute("UPDATE vms SET qemu = ?2 WHERE id = ?1", [vm_id, &json])?;
+        Ok(())
+    }
+
+    /// Move VM `vm_id` to the store at `store_url`.
     pub fn vm_set_store(&self, vm_id: &str, store_url: &str) -> Result<()> {
         self.conn().execute("UPDATE vms SET store_url = ?2 WHERE id = ?1", [vm_id, store_url])?;
         Ok(())

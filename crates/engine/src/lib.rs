@@ -27,6 +27,7 @@ mod db;
 mod engine;
 mod error;
 pub mod gc;
+pub mod journal;
 mod lease;
 mod lifecycle;
 mod lock;

@@ -64,6 +64,10 @@ pub struct ReplicateOptions {
     /// inconsistent cut), so that the consistency test shows it can fail.
     #[doc(hidden)]
     pub test_stagger: Option<std::time::Duration>,
+    /// The running journals of this process (`tern agent` keeps them across passes):
+    /// a `--tracking journal` VM's pass uses its journal. Without it, such a VM's
+    /// pass is a dirty-bitmap cycle.
+    pub journals: Option<std::sync::Arc<crate::journal::Journals>>,
 }
 
 /// Segments on a base before a cycle compacts it.
@@ -89,6 +93,7 @@ impl Default for ReplicateOptions {
             cancel: None,
             compact_after_segments: DEFAULT_COMPACT_SEGMENTS,
             test_stagger: None,
+            journals: None,
         }
     }
 }

@@ -30,6 +30,9 @@ pub enum SnapshotKind {
     /// A running QEMU's frozen data, copied by QEMU into a local qcow2 file (push
     /// mode); deleted when the pass ends.
     QemuPush,
+    /// The writes QEMU's write-blocking mirror sent to tern's journal sink, closed at
+    /// a mark (the `journal` source); deleted once compiled.
+    Journal,
 }
 
 impl SnapshotKind {
@@ -40,14 +43,21 @@ impl SnapshotKind {
             SnapshotKind::InPlace => "in-place",
             SnapshotKind::QemuView => "qemu-view",
             SnapshotKind::QemuPush => "qemu-push",
+            SnapshotKind::Journal => "journal",
         }
     }
 
     /// The kind a name from the state database stands for, if any.
     pub fn from_name(name: &str) -> Option<SnapshotKind> {
-        [SnapshotKind::Reflink, SnapshotKind::InPlace, SnapshotKind::QemuView, SnapshotKind::QemuPush]
-            .into_iter()
-            .find(|k| k.name() == name)
+        [
+            SnapshotKind::Reflink,
+            SnapshotKind::InPlace,
+            SnapshotKind::QemuView,
+            SnapshotKind::QemuPush,
+            SnapshotKind::Journal,
+        ]
+        .into_iter()
+        .find(|k| k.name() == name)
     }
 }
 

@@ -100,6 +100,10 @@ pub struct QemuSource {
     /// exports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// Tracking by journal (`--tracking journal`, docs/journal.md): QEMU's
+    /// write-blocking mirror sends every write to the agent, beside the dirty bitmaps.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub journal: bool,
 }
 
 /// Limits on what `vm add` accepts.

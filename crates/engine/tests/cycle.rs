@@ -26,6 +26,7 @@ fn spec(vm: &support::Qsd, nbd: Option<PathBuf>) -> QemuVmSpec {
         memory_bytes: None,
         firmware: None,
         push: None,
+        journal: false,
     }
 }
 

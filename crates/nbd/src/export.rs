@@ -196,6 +196,13 @@ pub trait Export: Send + Sync {
         let _ = (offset, length);
         Ok(())
     }
+
+    /// A client that used this export has gone, cleanly or not (`why` says how),
+    /// after every reply to it was sent or abandoned. An export whose clients must
+    /// never go unnoticed (the journal's sink) learns it here.
+    fn closed(&self, why: &str) {
+        let _ = why;
+    }
 }
 
 /// Write zeros with ordinary writes, `chunk` bytes at a time: the fallback of exports

@@ -231,10 +231,12 @@ fn connection(sock: Socket, o: &ServerOptions) -> String {
         Ok(h) => h,
         Err(e) => return format!("could not split the connection: {e}"),
     };
-    match transmission::run(session, halves, threads, o.max_in_flight) {
+    let why = match transmission::run(session, halves, threads, o.max_in_flight) {
         End::Clean => format!("export {name:?}: disconnected"),
         End::Fatal(why) => format!("export {name:?}: disconnected: {why}"),
-    }
+    };
+    export.closed(&why);
+    why
 }
 
 impl Stream {

@@ -174,6 +174,26 @@ impl QemuSource {
         Ok(src)
     }
 
+    /// The QMP connection (for the journal, which builds on this source).
+    pub(crate) fn qmp(&mut self) -> &mut Qmp {
+        &mut self.qmp
+    }
+
+    /// The disks' nodes, bitmaps' granularity, names and NBD endpoint.
+    pub(crate) fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+
+    /// Whether views are pushed into files (no NBD server of QEMU's to read from).
+    pub(crate) fn is_push(&self) -> bool {
+        self.push
+    }
+
+    /// Whether the last restore found some disk's tracking lost.
+    pub(crate) fn any_lost(&self) -> bool {
+        self.lost.iter().any(|l| *l)
+    }
+
     /// Per disk, whether a cut starts its tracking afresh: all of them for a first
     /// cut, else those whose tracking was found lost.
     fn first(&self, first: bool) -> Vec<bool> {

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // Each test binary uses a different subset.
 
 mod oracle;
+pub mod steps;
 
 use std::path::{Path, PathBuf};
 
@@ -255,6 +256,7 @@ impl Qsd {
             memory_bytes: None,
             firmware: None,
             push: None,
+            journal: false,
         }
     }
 
@@ -484,6 +486,7 @@ impl QemuSystem {
             memory_bytes: None,
             firmware: None,
             push: None,
+            journal: false,
         }
     }
 }
