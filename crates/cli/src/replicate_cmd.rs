@@ -50,6 +50,11 @@ pub struct ReplicateArgs {
     /// QEMU (status: backlog); they ship once they fit. QEMU VMs only.
     #[arg(long, value_name = "SIZE")]
     log_budget: Option<ByteSize>,
+    /// Switch how a QEMU VM's changes are tracked: journal (QEMU's write-blocking
+    /// mirror sends every write to `tern agent`; a point every 5 s by default) or
+    /// qemu (dirty bitmaps alone). See `tern vm add --tracking`.
+    #[arg(long, value_enum, value_name = "SOURCE")]
+    tracking: Option<crate::vm_cmd::TrackingArg>,
     /// With an agent running: hand the VM to it and return at once, instead of
     /// showing progress until its next point is committed.
     #[arg(long)]
@@ -67,7 +72,21 @@ pub fn replicate(g: &GlobalArgs, a: ReplicateArgs) -> Result<ExitCode> {
     let settings = a.frequency.is_some()
         || a.retention_age.is_some()
         || a.retention_count.is_some()
-        || a.log_budget.is_some();
+        || a.log_budget.is_some()
+        || a.tracking.is_some();
+    if let Some(t) = a.tracking {
+        let journal = t == crate::vm_cmd::TrackingArg::Journal;
+        let vm = tern_engine::set_tracking(&engine, &a.name, journal)?;
+        eprintln!(
+            "VM {} is tracked by {}",
+            vm.name,
+            if journal {
+                "journal (QEMU's write-blocking mirror into `tern agent`)"
+            } else {
+                "QEMU's dirty bitmaps"
+            }
+        );
+    }
     if settings || agent || a.detach {
         let change = tern_engine::SettingsChange {
             frequency: a.frequency,

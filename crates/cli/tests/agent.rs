@@ -191,3 +191,78 @@ fn a_kill_9_at_each_phase_of_a_cycle_loses_nothing_and_costs_no_resync() {
     let left = vm.tern_objects();
     assert!(left.iter().all(|o| o.starts_with("bitmap ")), "{left:?}");
 }
+
+/// `--tracking journal` as an operator runs it: `vm add --tracking journal`, an
+/// agent, `replicate --frequency`; fio (random 4 KiB writes) and qemu-io write both
+/// disks while the agent makes a point every second from the journal; kill -9 of the
+/// agent in the middle of the writes: no guest write fails (the daemon stays up, its
+/// exports keep serving), the restarted agent falls back to the bitmap, and the
+/// point after the writes is exactly the guest. `complete` takes the mirrors down.
+#[test]
+fn the_journal_rides_out_kill_9_of_the_agent_during_writes() {
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("data");
+    let log = d.path().join("agent.log");
+    let vm = Qsd::start(d.path());
+    vm.write_random("disk0", 0, 2 << 20, 1);
+    ok(tern(&data)
+        .args(["vm", "add", "web", "--qmp"])
+        .arg(&vm.qmp)
+        .arg("--nbd")
+        .arg(&vm.nbd)
+        .args(["--tracking", "journal"]));
+    let mut agent = start_agent(&data, &log);
+    let out = ok(tern(&data).args(["replicate", "web", "--frequency", "1s"]));
+    assert!(out.contains("committed by the agent"), "{out}");
+    let st = support::status(&data, "web");
+    assert_eq!(st["tracking"]["source"], "journal", "{st}");
+    let started = now_rfc3339_ms();
+    std::thread::scope(|s| {
+        let fio = s.spawn(|| {
+            let out = Command::new("fio")
+                .args([
+                    "--name=guest",
+                    "--ioengine=nbd",
+                    &format!("--uri={}", vm.uri("disk0")),
+                    "--rw=randwrite",
+                    "--bs=4k",
+                    "--iodepth=4",
+                    "--size=24M",
+                    "--time_based",
+                    "--runtime=8",
+                    "--randrepeat=0",
+                ])
+                .output()
+                .expect("fio is needed (Debian package fio; scripts/deps installs it)");
+            assert!(out.status.success(), "a guest write failed: {}", String::from_utf8_lossy(&out.stderr));
+        });
+        let io = s.spawn(|| {
+            let mut rng = Rng(0x10a);
+            for k in 0..120u64 {
+                vm.write("disk1", &format!("write -P {} {} 8k", k % 251 + 1, rng.range(0, 2900) * 8192));
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        });
+        // Points from the journal while the writes run, then kill -9 of the agent.
+        point_after(&data, &now_rfc3339_ms());
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        agent = start_agent(&data, &log);
+        fio.join().unwrap();
+        io.join().unwrap();
+    });
+    let p = point_after(&data, &now_rfc3339_ms());
+    migrate_and_compare(&data, &vm, p["id"].as_str().unwrap(), &d.path().join("out"));
+    let during = points(&data).iter().filter(|p| p["instant"].as_str().unwrap() > started.as_str()).count();
+    assert!(during >= 3, "only {during} points during and after the writes");
+    let kinds: Vec<String> = points(&data).iter().map(|p| p["kind"].as_str().unwrap().to_string()).collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "full").count(), 1, "{kinds:?}");
+    // The mirrors run (the restarted agent's), and `complete` takes them down.
+    assert!(vm.tern_objects().iter().any(|o| o.contains("tern-jnl-")), "{:?}", vm.tern_objects());
+    let out = ok(tern(&data).args(["complete", "web"]));
+    assert!(out.contains("journal"), "{out}");
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    assert_eq!(vm.tern_objects(), Vec::<String>::new());
+}

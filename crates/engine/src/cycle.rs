@@ -136,23 +136,26 @@ pub(crate) fn run(
     let snapshots = engine.data_dir().snapshots_dir().join(&vm.id);
     let res = match &vm.qemu {
         Some(q) => match QemuSource::open(vm, &ctx.dir, GRANULARITY, opts.test_stagger) {
-            Ok(src) if q.journal => match &opts.journals {
-                Some(journals) => {
+            Ok(src) => match (&opts.journals, q.journal) {
+                (Some(journals), true) => {
                     let budget = db.settings(&vm.id)?.log_budget.unwrap_or(DEFAULT_LOG_BUDGET);
                     let src =
                         crate::journal::source::JournalSource::open(src, journals, vm, &ctx.dir, budget)?;
                     ctx.run(src)
                 }
-                None => {
-                    observer(ReplicateEvent::Warning(
-                        "the journal runs in `tern agent`: this pass is a dirty-bitmap cycle".into(),
-                    ));
+                (_, journal) => {
+                    if journal {
+                        observer(ReplicateEvent::Warning(
+                            "the journal runs in `tern agent`: this pass is a dirty-bitmap cycle".into(),
+                        ));
+                    }
+                    // A journal's mirrors (a killed agent's, or those of a VM switched
+                    // back to bitmaps) would keep QEMU from starting the cut's backup job.
                     let mut src = src;
                     crate::journal::source::stop_mirrors(&mut src)?;
                     ctx.run(src)
                 }
             },
-            Ok(src) => ctx.run(src),
             // A VM that is shut off is scanned: its images are read (never with
             // --force: nothing may have them open for writing) and compared with the
             // last point. Its bitmaps, persisted at the clean close, started before

@@ -53,7 +53,7 @@ pub use db::{
 };
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, ErrorKind, Result};
-pub use lifecycle::{complete, enable, set_paused, SettingsChange};
+pub use lifecycle::{complete, enable, set_paused, set_tracking, SettingsChange};
 pub use lock::{replication_running, RunLock};
 pub use manifest::{
     check_point_id, new_point_id, next_point_id, Manifest, ManifestDisk, ManifestVm, PieceRef, SegmentRef,

@@ -56,6 +56,25 @@ pub fn enable(engine: &Engine, name: &str, change: &SettingsChange) -> Result<(V
     Ok((vm, s))
 }
 
+/// Track VM `name` (in a QEMU) by journal (`true`: QEMU's write-blocking mirror into
+/// `tern agent`, beside the dirty bitmaps) or by the bitmaps alone. The running
+/// agent's next pass of the VM starts (or stops) the journal.
+pub fn set_tracking(engine: &Engine, name: &str, journal: bool) -> Result<VmDef> {
+    let mut vm = engine.vm(name)?;
+    let q = vm.qemu.as_mut().ok_or_else(|| {
+        Error::invalid(format!("VM {name} is not in a QEMU: only a VM added with --qmp is tracked by QEMU"))
+    })?;
+    if journal && q.push {
+        return Err(Error::invalid(format!(
+            "VM {name} is in push mode: the journal reads the live disks over QEMU's NBD server when it \
+             resyncs; register the VM again with --nbd SOCKET"
+        )));
+    }
+    q.journal = journal;
+    engine.db().vm_set_qemu(&vm.id, q)?;
+    Ok(vm)
+}
+
 /// Pause (`true`) or resume replication of VM `name`. Tracking goes on in QEMU while
 /// paused (the bitmap keeps recording), so the first cycle after `resume` ships what
 /// changed meanwhile: no resync.
@@ -104,6 +123,10 @@ pub fn complete(engine: &Engine, name: &str) -> Result<Vec<String>> {
             test_stagger: None,
         };
         t.clean_leftovers(&mut qmp).map_err(qmp_err)?;
+        if q.journal {
+            crate::journal::source::take_down_mirrors(&mut qmp, &t.vm, t.disks.len())?;
+            removed.push("the journal's mirrors".to_string());
+        }
         for (node, bitmap) in t.remove_all_bitmaps(&mut qmp).map_err(qmp_err)? {
             removed.push(format!("dirty bitmap {bitmap} on node {node}"));
         }

@@ -99,10 +99,14 @@ fn mirror_name(vm: &str, i: usize) -> String {
 pub(crate) fn stop_mirrors(qemu: &mut QemuSource) -> Result<()> {
     let vm = qemu.tracker().vm.clone();
     let n = qemu.tracker().disks.len();
-    let qmp = qemu.qmp();
+    take_down_mirrors(qemu.qmp(), &vm, n)
+}
+
+/// [`stop_mirrors`] of VM `vm` (its short id) with `n` disks, on a QMP connection.
+pub(crate) fn take_down_mirrors(qmp: &mut crate::qemu::Qmp, vm: &str, n: usize) -> Result<()> {
     let mut first = None;
     for i in 0..n {
-        let id = mirror_name(&vm, i);
+        let id = mirror_name(vm, i);
         if let Err(e) = qmp.execute("block-job-cancel", Some(json!({ "device": id, "force": true }))) {
             if e.class() != Some("DeviceNotActive") && !e.to_string().contains("not found") {
                 first.get_or_insert(qmp_err(e));
@@ -113,7 +117,7 @@ pub(crate) fn stop_mirrors(qemu: &mut QemuSource) -> Result<()> {
     loop {
         let jobs = qmp.execute("query-block-jobs", None).map_err(qmp_err)?;
         let left = (0..n).any(|i| {
-            let id = mirror_name(&vm, i);
+            let id = mirror_name(vm, i);
             jobs.as_array().is_some_and(|a| a.iter().any(|j| j["device"] == id.as_str()))
         });
         if !left {
@@ -126,7 +130,7 @@ pub(crate) fn stop_mirrors(qemu: &mut QemuSource) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     for i in 0..n {
-        if let Err(e) = qmp.execute("blockdev-del", Some(json!({ "node-name": mirror_name(&vm, i) }))) {
+        if let Err(e) = qmp.execute("blockdev-del", Some(json!({ "node-name": mirror_name(vm, i) }))) {
             if !e.to_string().contains("not found") && !e.to_string().contains("find node") {
                 first.get_or_insert(qmp_err(e));
             }
