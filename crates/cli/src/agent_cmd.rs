@@ -100,6 +100,18 @@ pub fn agent(g: &GlobalArgs, a: AgentArgs) -> Result<ExitCode> {
             );
         }
         AgentEvent::Gc(Err(e)) => eprintln!("tern agent: garbage collection: {e:#}"),
+        AgentEvent::Compacted { vm, result: Ok((point, disks)) } => {
+            use std::io::Write as _;
+            let disks: Vec<String> = disks.iter().map(u32::to_string).collect();
+            let _ = writeln!(
+                std::io::stdout().lock(),
+                "{vm}: compacted point {point} beside the cycles (disk {}); the next cycle builds on it",
+                disks.join(", ")
+            );
+        }
+        AgentEvent::Compacted { vm, result: Err(e) } => {
+            eprintln!("tern agent: {vm}: compaction beside the cycles failed (the chain goes on): {e:#}")
+        }
     };
     let passes = tern_engine::agent::run_agent(&engine, &opts, &throttle, &observer)?;
     outln!("tern agent: stopped after {passes} pass(es)");

@@ -88,6 +88,13 @@ pub enum AgentEvent<'a> {
     Replicate(ReplicateEvent),
     /// A garbage collection ran.
     Gc(Result<&'a crate::gc::GcReport, &'a Error>),
+    /// A compaction beside the cycles ended: VM `vm`'s point and the disks compacted.
+    Compacted {
+        /// The VM.
+        vm: &'a str,
+        /// The point and disks, or why it failed (the next pass's chain goes on).
+        result: Result<(&'a str, &'a [u32]), &'a Error>,
+    },
 }
 
 /// Held while an agent runs.
@@ -148,6 +155,27 @@ pub fn run_agent(
     // The journals of `--tracking journal` VMs run between passes, in this process.
     let journals = crate::journal::Journals::new();
     replicate.journals = Some(journals.clone());
+    // Compaction runs beside the cycles, one at a time, in a thread of its own.
+    replicate.background_compaction = true;
+    let replicate = replicate;
+    std::thread::scope(|scope| agent_loop(engine, opts, &replicate, &journals, throttle, observer, scope))
+}
+
+/// What a compaction beside the cycles ends with: the point and the disks compacted.
+type Compacted = Result<Option<(String, Vec<u32>)>>;
+/// A compaction running beside the cycles: its VM and thread.
+type Compaction<'scope> = (String, std::thread::ScopedJoinHandle<'scope, Compacted>);
+
+fn agent_loop<'scope, 'env>(
+    engine: &'env Engine,
+    opts: &'env AgentOptions,
+    replicate: &'env ReplicateOptions,
+    journals: &crate::journal::Journals,
+    throttle: &'env Throttle,
+    observer: &(dyn Fn(AgentEvent<'_>) + Sync),
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+) -> Result<u64> {
+    let mut compaction: Option<Compaction<'scope>> = None;
     // When each VM is due next; a VM not in it is due now (also after a restart: what
     // an earlier agent was doing resumes at once).
     let mut due: HashMap<String, Instant> = HashMap::new();
@@ -210,7 +238,7 @@ pub fn run_agent(
         }
         let started = Instant::now();
         observer(AgentEvent::PassStart { vm: &vm.name });
-        let res = crate::replicate(engine, &vm.name, &replicate, throttle, &|ev| {
+        let res = crate::replicate(engine, &vm.name, replicate, throttle, &|ev| {
             observer(AgentEvent::Replicate(ev))
         });
         passes += 1;
@@ -218,6 +246,15 @@ pub fn run_agent(
             Ok(report) => {
                 due.insert(vm.id.clone(), started + freq);
                 observer(AgentEvent::PassDone { vm: &vm.name, report: &report });
+                if compaction.as_ref().is_none_or(|(_, t)| t.is_finished()) {
+                    if let Some((name, t)) = compaction.take() {
+                        report_compaction(&name, t, observer);
+                    }
+                    let vm = vm.clone();
+                    let name = vm.name.clone();
+                    let t = scope.spawn(move || crate::compact_beside(engine, &vm, replicate, throttle));
+                    compaction = Some((name, t));
+                }
             }
             Err(e) => {
                 if opts.stop.load(Ordering::Relaxed) {
@@ -229,7 +266,30 @@ pub fn run_agent(
             }
         }
     }
+    // A compaction stops at its next chunk once told to (the stop flag); its record is
+    // kept only when it finished.
+    if let Some((name, t)) = compaction.take() {
+        report_compaction(&name, t, observer);
+    }
     Ok(passes)
+}
+
+fn report_compaction(
+    vm: &str,
+    t: std::thread::ScopedJoinHandle<'_, Compacted>,
+    observer: &(dyn Fn(AgentEvent<'_>) + Sync),
+) {
+    match t.join() {
+        Ok(Ok(Some((point, disks)))) if !disks.is_empty() => {
+            observer(AgentEvent::Compacted { vm, result: Ok((&point, &disks)) })
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => observer(AgentEvent::Compacted { vm, result: Err(&e) }),
+        Err(_) => {
+            let e = Error::new(ErrorKind::Io, "the compaction thread panicked");
+            observer(AgentEvent::Compacted { vm, result: Err(&e) })
+        }
+    }
 }
 
 fn sleep_until(stop: &AtomicBool, until: Instant) {

@@ -183,6 +183,79 @@ pub(crate) fn run(
     res
 }
 
+/// Compaction beside the cycles (docs/formats/segment.md, "Compaction"; the agent runs
+/// it in a thread of its own): every disk of VM `vm`'s newest point whose chain is due
+/// gets a base index of its own under that point, recorded for the next cycle to
+/// rebase onto. Returns the point and the disks compacted; `None`: nothing was due.
+/// Stops at the next chunk when `opts.cancel` is set.
+pub fn compact_beside(
+    engine: &Engine,
+    vm: &VmDef,
+    opts: &ReplicateOptions,
+    throttle: &Throttle,
+) -> Result<Option<(String, Vec<u32>)>> {
+    let db = engine.db();
+    let url = engine.replication_store_url(vm)?;
+    let Some(point) = db.tracking(&vm.id)?.filter(|t| t.store_url == url).and_then(|t| t.last_point) else {
+        return Ok(None);
+    };
+    // Due, judged from the cached manifest (the store's is read and checked below).
+    let Some(json) = db.point_manifest(&url, &vm.id, &point)? else { return Ok(None) };
+    let cached: Manifest = serde_json::from_str(&json)
+        .map_err(|e| Error::corrupt(format!("cached manifest of {point}: {e}")))?;
+    let due = |d: &ManifestDisk| -> Result<bool> {
+        Ok(!d.segments.is_empty()
+            && compaction_due(d, opts.compact_after_segments)
+            && db.compactions(&vm.id, d.index)?.is_empty())
+    };
+    if !cached.disks.iter().try_fold(false, |any, d| Ok::<bool, Error>(any || due(d)?))? {
+        return Ok(None);
+    }
+    let store = engine.open_store_at(&url, true)?;
+    let rt = engine.runtime()?;
+    let (key, _cfg) = rt.block_on(engine.key_for_writing(&store))?;
+    let _lease = crate::lease::Lease::acquire(
+        &store,
+        rt.handle(),
+        Some(&vm.id),
+        &format!("compaction of VM {} (point {point})", vm.name),
+    )?;
+    let quiet = |_: ReplicateEvent| {};
+    let pass = Pass {
+        engine,
+        rt: &rt,
+        vm,
+        store: &store,
+        key: &key,
+        url: &url,
+        dir: workdir(engine, vm),
+        opts,
+        throttle,
+        observer: &quiet,
+    };
+    let m = pass.manifest(&point)?;
+    let mut done = Vec::new();
+    for d in &m.disks {
+        if !due(d)? {
+            continue;
+        }
+        let (nd, stored) = pass.compact_disk(&point, d, None, &point, d.index, true)?;
+        db.add_compaction(&crate::db::CompactionRow {
+            vm_id: vm.id.clone(),
+            disk: d.index,
+            point_id: point.clone(),
+            chain_base: d.base_point(&point).to_string(),
+            segments: d.segments.len() as u64,
+            last_segment: d.segments.last().map(|s| s.point_id.clone()).unwrap_or_default(),
+            index_digest: nd.index_digest,
+            data_chunks: nd.data_chunks,
+            stored_bytes: stored,
+        })?;
+        done.push(d.index);
+    }
+    Ok(Some((point, done)))
+}
+
 /// Whether no QEMU listens on QMP socket `qmp` (no socket, or nothing accepting on
 /// it): the VM is shut off. A QEMU that is there but slow or busy is not.
 fn qemu_down(qmp: &Path) -> bool {
@@ -579,9 +652,10 @@ impl Pass<'_> {
         &self,
         base: &str,
         bd: &ManifestDisk,
-        log: &LogReader,
+        log: Option<&LogReader>,
         point_id: &str,
         i: u32,
+        beside: bool,
     ) -> Result<(ManifestDisk, u64)> {
         use tern_chunk::{BaseIndex, IndexEntry};
         let (vm, key, store) = (self.vm, self.key, self.store);
@@ -594,7 +668,7 @@ impl Pass<'_> {
             bd,
         ))?;
         let mut index = BaseIndex::new(bd.virtual_size, bd.chunk_size)?;
-        let records = log.records();
+        let records = log.map_or(&[][..], |l| l.records());
         let mut buf = vec![0u8; bd.chunk_size as usize];
         let mut rec_buf = Vec::new();
         let mut stored = 0u64;
@@ -613,7 +687,7 @@ impl Pass<'_> {
             prev.read_chunk(n, b)?;
             for x in over {
                 rec_buf.resize(x.length as usize, 0);
-                log.read(x, &mut rec_buf)?;
+                log.expect("records come from the log").read(x, &mut rec_buf)?;
                 let (a, z) = (x.offset.max(r.start), (x.offset + x.length).min(r.end));
                 b[(a - r.start) as usize..(z - r.start) as usize]
                     .copy_from_slice(&rec_buf[(a - x.offset) as usize..(z - x.offset) as usize]);
@@ -634,18 +708,80 @@ impl Pass<'_> {
         }
         let env = seal(key, ObjectKind::Index, &index.encode(), 3)?;
         stored += env.len() as u64;
-        self.rt
-            .block_on(store.put_index(&vm.id, point_id, i, Bytes::from(env)))
-            .map_err(|e| Error::from(e).context(format!("storing the compacted index of disk {i}")))?;
+        let digest = crate::manifest::index_digest(key, &index);
+        let put = if beside {
+            // Beside the cycles: added to the committed point, create-only. One there
+            // already is a killed compaction's of the same state: the same digest.
+            match self.rt.block_on(store.add_index(&vm.id, point_id, i, Bytes::from(env))) {
+                Err(e) if e.kind() == tern_store::ErrorKind::AlreadyExists => {
+                    let there = ManifestDisk { base_point: None, index_digest: digest.clone(), ..bd.clone() };
+                    self.rt
+                        .block_on(crate::point::fetch_index(key, store, &vm.id, point_id, &there))
+                        .map(|_| ())
+                }
+                r => r.map_err(Error::from),
+            }
+        } else {
+            self.rt.block_on(store.put_index(&vm.id, point_id, i, Bytes::from(env))).map_err(Error::from)
+        };
+        put.map_err(|e| e.context(format!("storing the compacted index of disk {i}")))?;
         let d = ManifestDisk {
             base_point: None,
             segments: Vec::new(),
             sha256: None,
             data_chunks: index.entries().iter().filter(|e| matches!(e, IndexEntry::Chunk(_))).count() as u64,
-            index_digest: crate::manifest::index_digest(key, &index),
+            index_digest: digest,
             ..bd.clone()
         };
         Ok((d, stored))
+    }
+
+    /// The chain `bd` (the base point's disk `i`) rebased onto a compaction done beside
+    /// the cycles, if one folded a prefix of it and its index is in the store with the
+    /// digest recorded (under this pass's lease: no collection runs until the new
+    /// manifest references it). A record that no longer fits is dropped.
+    /// Records used or found stale are added to `spent`, to be forgotten once the new
+    /// point is committed.
+    fn compacted_base(
+        &self,
+        bd: &ManifestDisk,
+        i: u32,
+        spent: &mut Vec<(u32, String)>,
+    ) -> Result<Option<ManifestDisk>> {
+        let db = self.engine.db();
+        for row in db.compactions(&self.vm.id, i)? {
+            spent.push((i, row.point_id.clone()));
+            let n = row.segments as usize;
+            let fits = bd.base_point.as_deref() == Some(row.chain_base.as_str())
+                && n > 0
+                && bd.segments.len() >= n
+                && bd.segments[n - 1].point_id == row.last_segment;
+            if !fits {
+                continue;
+            }
+            let on = ManifestDisk {
+                base_point: Some(row.point_id.clone()),
+                segments: bd.segments[n..].to_vec(),
+                index_digest: row.index_digest.clone(),
+                data_chunks: row.data_chunks,
+                sha256: None,
+                ..bd.clone()
+            };
+            match self.rt.block_on(crate::point::fetch_index(
+                self.key,
+                self.store,
+                &self.vm.id,
+                &row.point_id,
+                &on,
+            )) {
+                Ok(_) => return Ok(Some(on)),
+                Err(e) => (self.observer)(ReplicateEvent::Warning(format!(
+                    "disk {i}: the compaction of point {} is not usable ({e}); the chain goes on",
+                    row.point_id
+                ))),
+            }
+        }
+        Ok(None)
     }
 
     /// Disk `i` of the new point `point_id` as a segment on point `base`'s chain: the
@@ -704,14 +840,31 @@ impl Pass<'_> {
         (self.observer)(ReplicateEvent::Point { point_id: point_id.to_string(), resumed: false });
         let mut disks = Vec::new();
         let mut reports = Vec::new();
+        // Background compactions used by this point, or found stale: (disk, point).
+        let mut spent = Vec::new();
         for (i, (bd, log)) in base_m.disks.iter().zip(logs).enumerate() {
             let reader = LogReader::open(&log.path)?;
             (self.observer)(ReplicateEvent::DiskStart { disk: i as u32, total: log.changed_bytes, done: 0 });
-            let compacted = compaction_due(bd, self.opts.compact_after_segments);
-            let (d, stored) = if compacted {
-                self.compact_disk(base, bd, &reader, point_id, i as u32)?
+            // A compaction done beside the cycles (the agent) that this chain still
+            // starts with: rebase onto it.
+            let rebased = if self.opts.background_compaction {
+                self.compacted_base(bd, i as u32, &mut spent)?
             } else {
-                self.segment_disk(base, bd, &reader, log.changed_bytes, point_id, i as u32)?
+                None
+            };
+            let after = self.opts.compact_after_segments;
+            let compacted = rebased.is_none()
+                && if self.opts.background_compaction {
+                    // Only a chain no background compaction kept up with.
+                    bd.segments.len() + 1 >= 4 * after.max(1)
+                } else {
+                    compaction_due(bd, after)
+                };
+            let (d, stored) = if compacted {
+                self.compact_disk(base, bd, Some(&reader), point_id, i as u32, false)?
+            } else {
+                let on = rebased.as_ref().unwrap_or(bd);
+                self.segment_disk(base, on, &reader, log.changed_bytes, point_id, i as u32)?
             };
             (self.observer)(ReplicateEvent::DiskDone { disk: i as u32 });
             reports.push(DiskReport {
@@ -745,6 +898,9 @@ impl Pass<'_> {
             .block_on(store.put_manifest(&vm.id, point_id, Bytes::from(env)))
             .map_err(|e| Error::from(e).context("storing the manifest"))?;
         crate::test_stall("commit");
+        for (disk, point) in &spent {
+            self.engine.db().remove_compaction(&vm.id, *disk, point)?;
+        }
         let json = serde_json::to_string(&manifest)
             .map_err(|e| Error::invalid(format!("encoding manifest: {e}")))?;
         self.engine.db().cache_point(&PointRow {

@@ -15,7 +15,7 @@ use crate::{Error, ErrorKind, Result};
 
 /// Schema version this build writes. NEVER reuse a number: each version's DDL is kept
 /// in [`MIGRATIONS`] so that any older database can be upgraded.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 const MIGRATIONS: &[&str] = &[
     // Version 1.
@@ -172,6 +172,23 @@ const MIGRATIONS: &[&str] = &[
     DROP TABLE replication_disks;
     ALTER TABLE replication_disks_v5 RENAME TO replication_disks;
     "#,
+    // Version 6: compactions done beside the cycles (docs/formats/segment.md,
+    // "Compaction"), until a cycle rebases onto them.
+    r#"
+    CREATE TABLE compactions (
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        disk INTEGER NOT NULL,
+        point_id TEXT NOT NULL,
+        chain_base TEXT NOT NULL,
+        segments INTEGER NOT NULL,
+        last_segment TEXT NOT NULL,
+        index_digest TEXT NOT NULL,
+        data_chunks INTEGER NOT NULL,
+        stored_bytes INTEGER NOT NULL,
+        created TEXT NOT NULL,
+        PRIMARY KEY (vm_id, disk, point_id)
+    );
+    "#,
 ];
 
 /// Events kept per VM and kind (older ones are dropped).
@@ -292,6 +309,30 @@ pub struct ReplicationDiskRow {
     pub bytes_uploaded: u64,
     /// `pending`, `copying` or `done`.
     pub state: String,
+}
+
+/// A compaction done beside the cycles: disk `disk` of point `point_id` has a base
+/// index of its own in the store, which no manifest references yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactionRow {
+    /// VM id.
+    pub vm_id: String,
+    /// The disk.
+    pub disk: u32,
+    /// The compacted point: its index is `vms/<vm>/points/<point_id>/disk-<disk>.index`.
+    pub point_id: String,
+    /// The base of the chain it folded.
+    pub chain_base: String,
+    /// How many segments of that chain it folded.
+    pub segments: u64,
+    /// The point of the last of them.
+    pub last_segment: String,
+    /// The new index's digest (hex).
+    pub index_digest: String,
+    /// Chunks the index references.
+    pub data_chunks: u64,
+    /// Envelope bytes the compaction stored.
+    pub stored_bytes: u64,
 }
 
 /// A recovery point as cached locally.
@@ -591,6 +632,59 @@ impl StateDb {
     }
 
     /// Fix the store VM `vm_id` replicates to.
+    /// Record a compaction done beside the cycles.
+    pub fn add_compaction(&self, r: &CompactionRow) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO compactions (vm_id, disk, point_id, chain_base, segments, last_segment, \
+             index_digest, data_chunks, stored_bytes, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                r.vm_id,
+                r.disk,
+                r.point_id,
+                r.chain_base,
+                to_i64(r.segments, "segments")?,
+                r.last_segment,
+                r.index_digest,
+                to_i64(r.data_chunks, "data chunks")?,
+                to_i64(r.stored_bytes, "stored bytes")?,
+                crate::now_rfc3339()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Compactions of disk `disk` of VM `vm_id` not yet used, newest first.
+    pub fn compactions(&self, vm_id: &str, disk: u32) -> Result<Vec<CompactionRow>> {
+        let c = self.conn();
+        let mut q = c.prepare(
+            "SELECT vm_id, disk, point_id, chain_base, segments, last_segment, index_digest, data_chunks, \
+             stored_bytes FROM compactions WHERE vm_id = ?1 AND disk = ?2 ORDER BY point_id DESC",
+        )?;
+        let rows = q.query_map(params![vm_id, disk], |r| {
+            Ok(CompactionRow {
+                vm_id: r.get(0)?,
+                disk: r.get(1)?,
+                point_id: r.get(2)?,
+                chain_base: r.get(3)?,
+                segments: r.get::<_, i64>(4)? as u64,
+                last_segment: r.get(5)?,
+                index_digest: r.get(6)?,
+                data_chunks: r.get::<_, i64>(7)? as u64,
+                stored_bytes: r.get::<_, i64>(8)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
+    }
+
+    /// Forget the compaction of disk `disk` of point `point_id` (used, or stale).
+    pub fn remove_compaction(&self, vm_id: &str, disk: u32, point_id: &str) -> Result<()> {
+        self.conn().execute(
+            "DELETE FROM compactions WHERE vm_id = ?1 AND disk = ?2 AND point_id = ?3",
+            params![vm_id, disk, point_id],
+        )?;
+        Ok(())
+    }
+
     /// Record how VM `vm_id` is reached in its QEMU (its tracking mode, say).
     pub fn vm_set_qemu(&self, vm_id: &str, qemu: &crate::QemuSource) -> Result<()> {
         let json = serde_json::to_string(qemu)
@@ -900,6 +994,18 @@ impl StateDb {
             .query_row("SELECT max(point_id) FROM points WHERE vm_id = ?1", [vm_id], |r| r.get(0))
             .optional()?
             .flatten())
+    }
+
+    /// The cached manifest (JSON) of VM `vm_id`'s point `point_id` in store `store_url`.
+    pub fn point_manifest(&self, store_url: &str, vm_id: &str, point_id: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT manifest FROM points WHERE store_url = ?1 AND vm_id = ?2 AND point_id = ?3",
+                [store_url, vm_id, point_id],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     /// Cache a point read from the store.

@@ -47,7 +47,7 @@ mod vm;
 mod vmdef;
 
 pub use catalog::{find_vm, list_points, PointInfo};
-pub use cycle::{add_qemu_vm, log_bytes, QemuVmSpec, DEFAULT_LOG_BUDGET};
+pub use cycle::{add_qemu_vm, compact_beside, log_bytes, QemuVmSpec, DEFAULT_LOG_BUDGET};
 pub use db::{
     PointRow, ReplicationDiskRow, ReplicationRow, StateDb, TrackingRow, VmEvent, VmSettings, SCHEMA_VERSION,
 };

@@ -68,6 +68,10 @@ pub struct ReplicateOptions {
     /// a `--tracking journal` VM's pass uses its journal. Without it, such a VM's
     /// pass is a dirty-bitmap cycle.
     pub journals: Option<std::sync::Arc<crate::journal::Journals>>,
+    /// Compaction runs beside the cycles ([`crate::compact_beside`], the agent): a
+    /// cycle rebases onto a compaction done meanwhile and compacts inside itself only
+    /// a chain 4x `compact_after_segments` long.
+    pub background_compaction: bool,
 }
 
 /// Segments on a base before a cycle compacts it.
@@ -94,6 +98,7 @@ impl Default for ReplicateOptions {
             compact_after_segments: DEFAULT_COMPACT_SEGMENTS,
             test_stagger: None,
             journals: None,
+            background_compaction: false,
         }
     }
 }

@@ -157,3 +157,68 @@ fn gc_in_a_loop_while_cycles_run_never_takes_what_a_retained_point_needs() {
             .unwrap();
     assert!(v.problems.is_empty(), "{:?}", v.problems);
 }
+
+/// Disk `disk`'s base point in VM `vm_id`'s point `point` (cached manifest).
+fn base_point(h: &support::Host, vm_id: &str, point: &str, disk: usize) -> Option<String> {
+    let json = h.engine.db().point_manifest(h.engine.store_url(), vm_id, point).unwrap().unwrap();
+    let m: serde_json::Value = serde_json::from_str(&json).unwrap();
+    m["disks"][disk]["base_point"].as_str().map(String::from)
+}
+
+/// Compaction beside the cycles (the agent's way): the compaction of a point is
+/// recorded, cycles go on meanwhile, and the next cycle rebases onto it (its disks'
+/// base is the compacted point, their segments those since). A collection that runs
+/// between a compaction and the next cycle sweeps the index nothing references yet:
+/// that cycle ignores the record and the chain goes on. Every point stays exact, and
+/// `store verify --read-data` is clean.
+#[test]
+fn compaction_beside_the_cycles_is_built_on_by_the_next_cycle_and_survives_a_collection() {
+    let h = support::host();
+    let vm = support::Qsd::start(&[("qcow2", "16M"), ("raw", "8M")]);
+    vm.guest_random("disk0", 0, 6 << 20, 1);
+    let id = add(&h, &vm);
+    let opts = ReplicateOptions {
+        threads: 2,
+        compact_after_segments: 3,
+        background_compaction: true,
+        ..Default::default()
+    };
+    let throttle = tern_engine::throttle::Throttle::unlimited();
+    let mut expect: Vec<(String, Vec<String>)> = Vec::new();
+    let mut cycle = |seed: u64| {
+        vm.guest_random("disk0", (seed % 12) * MIB, 512 << 10, seed);
+        vm.guest_random("disk1", (seed % 6) * MIB + 4096, 64 << 10, seed + 100);
+        let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
+        expect.push((r.point_id.clone(), guest(&vm)));
+        r.point_id
+    };
+    support::run_replicate(&h.engine, "web", &opts).unwrap();
+    cycle(2);
+    cycle(3);
+    // Due (3 segments with this one): compacted beside, while a cycle goes on.
+    let (p, disks) = tern_engine::compact_beside(&h.engine, &h.engine.vm("web").unwrap(), &opts, &throttle)
+        .unwrap()
+        .expect("a chain was due");
+    assert_eq!(disks, vec![0, 1]);
+    // The next cycle rebases onto it, and the chain goes on from there.
+    let next = cycle(4);
+    assert_eq!(base_point(&h, &id, &next, 0).as_deref(), Some(p.as_str()));
+    assert_eq!(base_point(&h, &id, &next, 1).as_deref(), Some(p.as_str()));
+    let then = cycle(5);
+    assert_eq!(base_point(&h, &id, &then, 0).as_deref(), Some(p.as_str()));
+    // Again, with a collection in between that sweeps the unreferenced index.
+    cycle(6);
+    let (p2, _) = tern_engine::compact_beside(&h.engine, &h.engine.vm("web").unwrap(), &opts, &throttle)
+        .unwrap()
+        .expect("due again");
+    gc(&h.engine, &GcOptions::default()).unwrap();
+    let after = cycle(7);
+    assert_ne!(base_point(&h, &id, &after, 0).as_deref(), Some(p2.as_str()), "built on a swept index");
+    for (i, (point, shas)) in expect.iter().enumerate() {
+        assert_eq!(&migrate_shas(&h, point, h.root.join(format!("c{i}"))), shas, "point {point}");
+    }
+    let v =
+        tern_engine::verify(&h.engine, &tern_engine::VerifyOptions { read_data: true, ..Default::default() })
+            .unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+}

@@ -267,6 +267,18 @@ impl Store {
         self.put(&path, envelope, PutMode::Overwrite, &object).await
     }
 
+    /// Add a base index to disk `disk` of point `point` of VM `vm`, committed or not:
+    /// a compaction beside the cycles (docs/formats/segment.md) folds a committed
+    /// point's chain into an index that the point's own manifest does not reference
+    /// (it keeps its chain), for later points to build on. Create-only: an index that
+    /// exists is never replaced ([`ErrorKind::AlreadyExists`]), so a committed point
+    /// never changes.
+    pub async fn add_index(&self, vm: &str, point: &str, disk: u32, envelope: Bytes) -> Result<()> {
+        let (vm, point) = self.ids(vm, point)?;
+        let path = layout::index_path(&vm, &point, disk);
+        self.put(&path, envelope, PutMode::Create, &Object::Index(&path)).await
+    }
+
     /// Fetch a base index envelope.
     pub async fn get_index(&self, vm: &str, point: &str, disk: u32) -> Result<Bytes> {
         let (vm, point) = self.ids(vm, point)?;
