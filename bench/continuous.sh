@@ -14,10 +14,16 @@
 #    second from `tern status --json`: p50, p99, max.
 # 4. Memory: peak RSS of the initial replication and of a delta cycle of a BIG_GIB
 #    (default 64) disk with 1 GiB written.
+# 5. The journal (`--tracking journal`, docs/journal.md): guest impact, fio 4 KiB
+#    random writes (iodepth 4) for FIO_SECONDS without a mirror, with QEMU's
+#    write-blocking mirror into nbdkit's null plugin (the cost of any such mirror), and
+#    with the mirror into `tern agent`'s journal; then its achieved RPO over
+#    RPO_SECONDS of 5 MB/s churn at JOURNAL_FREQ (default 5s).
 #
 #   bench/continuous.sh                          # everything (about 30 minutes)
 #   ONLY=delta bench/continuous.sh               # one part: delta, impact, rpo, memory
 #   RPO_SECONDS=120 ONLY=rpo bench/continuous.sh
+#   ONLY=journal RPO_SECONDS=300 bench/continuous.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_GIB=${SIZE_GIB:-8}
@@ -27,6 +33,7 @@ IMPACT_FREQ=${IMPACT_FREQ:-30s}
 RPO_SECONDS=${RPO_SECONDS:-600}
 RPO_FREQS=${RPO_FREQS:-"30s 5s"}
 BIG_GIB=${BIG_GIB:-64}
+JOURNAL_FREQ=${JOURNAL_FREQ:-5s}
 ONLY=${ONLY:-all}
 work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/tern-cbench.XXXXXX")}
 pids=()
@@ -38,10 +45,10 @@ cleanup() {
 trap cleanup EXIT
 
 missing=()
-for c in restic borg fio nbdcopy qemu-storage-daemon /usr/bin/time; do command -v "$c" >/dev/null || missing+=("$c"); done
+for c in restic borg fio nbdcopy nbdkit qemu-storage-daemon /usr/bin/time; do command -v "$c" >/dev/null || missing+=("$c"); done
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "bench: installing restic borgbackup fio libnbd-bin qemu-system-common time (missing: ${missing[*]})" >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic borgbackup fio libnbd-bin qemu-system-common time >/dev/null
+  echo "bench: installing restic borgbackup fio libnbd-bin nbdkit qemu-system-common time (missing: ${missing[*]})" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq restic borgbackup fio libnbd-bin nbdkit qemu-system-common time >/dev/null
 fi
 cargo build --release --quiet -p tern-cli
 tern=$(realpath "${CARGO_TARGET_DIR:-target}")/release/tern
@@ -191,41 +198,47 @@ if [ "$ONLY" = all ] || [ "$ONLY" = impact ]; then
   rm -rf "$v"
 fi
 
-if [ "$ONLY" = all ] || [ "$ONLY" = rpo ]; then
-  for freq in $RPO_FREQS; do
-    v=$work/rpo-$freq; start_vm "$v" 4
-    export TERN_DATA_DIR=$v/tern
-    "$tern" vm add web --qmp "$v/qmp.sock" --nbd "$v/nbd.sock" >/dev/null
-    "$tern" agent --frequency "$freq" >"$v/agent.log" 2>&1 &
-    agent=$!; pids+=($agent)
+# Achieved RPO: RPO_SECONDS of 5 MB/s churn with the agent at frequency $1, the VM
+# added with --tracking $2 (qemu or journal).
+rpo_run() {
+  local freq=$1 tracking=$2 v
+  v=$work/rpo-$tracking-$freq; start_vm "$v" 4
+  export TERN_DATA_DIR=$v/tern
+  "$tern" vm add web --qmp "$v/qmp.sock" --nbd "$v/nbd.sock" --tracking "$tracking" >/dev/null
+  "$tern" agent --frequency "$freq" >"$v/agent.log" 2>&1 &
+  agent=$!; pids+=($agent)
+  sleep 1
+  "$tern" replicate web --frequency "$freq" >/dev/null 2>&1
+  fio --name=churn --ioengine=nbd --uri="$(uri "$v")" --rw=randwrite --bs=64k --rate=5m --size=4G \
+    --time_based --runtime="$RPO_SECONDS" --randrepeat=0 >/dev/null 2>&1 &
+  churn=$!
+  : >"$v/ages"
+  end=$(( $(date +%s) + RPO_SECONDS ))
+  while [ "$(date +%s)" -lt "$end" ]; do
+    "$tern" status web --json | python3 -c 'import json,sys; t=json.load(sys.stdin)[0].get("tracking") or {}; a=t.get("last_point_age_seconds"); print(a if a is not None else "")' >>"$v/ages"
     sleep 1
-    "$tern" replicate web --frequency "$freq" >/dev/null 2>&1
-    fio --name=churn --ioengine=nbd --uri="$(uri "$v")" --rw=randwrite --bs=64k --rate=5m --size=4G \
-      --time_based --runtime="$RPO_SECONDS" --randrepeat=0 >/dev/null 2>&1 &
-    churn=$!
-    : >"$v/ages"
-    end=$(( $(date +%s) + RPO_SECONDS ))
-    while [ "$(date +%s)" -lt "$end" ]; do
-      "$tern" status web --json | python3 -c 'import json,sys; t=json.load(sys.stdin)[0].get("tracking") or {}; a=t.get("last_point_age_seconds"); print(a if a is not None else "")' >>"$v/ages"
-      sleep 1
-    done
-    wait "$churn" || true
-    kill -TERM "$agent"; wait "$agent" 2>/dev/null || true
-    stats=$(python3 - "$v/ages" <<'PY'
+  done
+  wait "$churn" || true
+  kill -TERM "$agent"; wait "$agent" 2>/dev/null || true
+  stats=$(python3 - "$v/ages" <<'PY'
 import sys
 a = sorted(int(x) for x in open(sys.argv[1]).read().split())
 q = lambda p: a[min(len(a) - 1, int(p * len(a)))]
 print(f"{len(a)} samples: p50 {q(0.5)} s, p99 {q(0.99)} s, max {a[-1]} s")
 PY
 )
-    points=$(grep -c "point" "$v/agent.log" || true)
-    echo
-    echo "## Achieved RPO at --frequency $freq: ${RPO_SECONDS} s of 5 MB/s churn, unlimited bandwidth"
-    echo "newest point's age: $stats; $points points"
-    unset TERN_DATA_DIR
-    kill "${pids[-2]}" 2>/dev/null || true
-    rm -rf "$v"
-  done
+  points=$(grep -c "point" "$v/agent.log" || true)
+  compactions=$(grep -c "compacted point" "$v/agent.log" || true)
+  echo
+  echo "## Achieved RPO, --tracking $tracking at --frequency $freq: ${RPO_SECONDS} s of 5 MB/s churn, unlimited bandwidth"
+  echo "newest point's age: $stats; $points points, $compactions compactions beside the cycles"
+  unset TERN_DATA_DIR
+  kill "${pids[-2]}" 2>/dev/null || true
+  rm -rf "$v"
+}
+
+if [ "$ONLY" = all ] || [ "$ONLY" = rpo ]; then
+  for freq in $RPO_FREQS; do rpo_run "$freq" qemu; done
 fi
 
 if [ "$ONLY" = all ] || [ "$ONLY" = memory ]; then
@@ -240,4 +253,58 @@ if [ "$ONLY" = all ] || [ "$ONLY" = memory ]; then
   echo "## Memory: ${BIG_GIB} GiB disk, 1 GiB written, then 1 GiB more"
   echo "peak RSS: initial replication $((init / 1024)) MiB, delta cycle of 1 GiB $((cyc / 1024)) MiB"
   unset TERN_DATA_DIR
+fi
+
+# A QMP command on the daemon at folder $1 (the arguments as JSON in $3).
+qmp() {
+  python3 - "$1/qmp.sock" "$2" "${3:-{\}}" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+f.readline()
+for cmd, args in (("qmp_capabilities", {}), (sys.argv[2], json.loads(sys.argv[3]))):
+    f.write(json.dumps({"execute": cmd, "arguments": args}) + "\n"); f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "error" in r: sys.exit(f"qmp {cmd}: {r['error']['desc']}")
+        if "return" in r: break
+PY
+}
+
+if [ "$ONLY" = all ] || [ "$ONLY" = journal ]; then
+  v=$work/journal; start_vm "$v" 4
+  fill_half "$v" 4
+  base=$(fio_iops "$(uri "$v")" "$FIO_SECONDS")
+  # The same write-blocking mirror into a sink that does nothing: nbdkit's null plugin.
+  nbdkit --unix "$v/null.sock" --exit-with-parent null size=4G &
+  pids+=($!); null=$!
+  for _ in $(seq 100); do [ -S "$v/null.sock" ] && break; sleep 0.05; done
+  qmp "$v" blockdev-add "{\"driver\": \"nbd\", \"node-name\": \"nul\", \"server\": {\"type\": \"unix\", \"path\": \"$v/null.sock\"}, \"export\": \"\"}"
+  qmp "$v" blockdev-mirror '{"job-id": "nul", "device": "disk0", "target": "nul", "sync": "none", "copy-mode": "write-blocking"}'
+  nul=$(fio_iops "$(uri "$v")" "$FIO_SECONDS")
+  qmp "$v" block-job-cancel '{"device": "nul", "force": true}'
+  sleep 1
+  qmp "$v" blockdev-del '{"node-name": "nul"}'
+  kill "$null" 2>/dev/null || true
+  export TERN_DATA_DIR=$v/tern
+  "$tern" vm add web --qmp "$v/qmp.sock" --nbd "$v/nbd.sock" --tracking journal >/dev/null
+  "$tern" replicate web --no-progress >/dev/null
+  "$tern" agent --frequency "$JOURNAL_FREQ" >"$v/agent.log" 2>&1 &
+  pids+=($!); agent=$!
+  sleep 1
+  "$tern" replicate web --frequency "$JOURNAL_FREQ" >/dev/null 2>&1
+  with=$(fio_iops "$(uri "$v")" "$FIO_SECONDS")
+  kill -TERM "$agent"; wait "$agent" 2>/dev/null || true
+  points=$(grep -c "point" "$v/agent.log" || true)
+  echo
+  echo "## Guest impact of the journal: fio 4 KiB random writes, iodepth 4, ${FIO_SECONDS} s"
+  echo "| | IOPS | ratio |"
+  echo "|---|---|---|"
+  echo "| no mirror | $base | 1.00 |"
+  echo "| write-blocking mirror into nbdkit null | $nul | $(printf %.2f "$(echo "$nul / $base" | bc -l)") |"
+  echo "| write-blocking mirror into tern's journal, a point every $JOURNAL_FREQ ($points points) | $with | $(printf %.2f "$(echo "$with / $base" | bc -l)") |"
+  unset TERN_DATA_DIR
+  kill "${pids[-3]}" 2>/dev/null || true
+  rm -rf "$v"
+  rpo_run "$JOURNAL_FREQ" journal
+  rpo_run "$JOURNAL_FREQ" qemu
 fi
