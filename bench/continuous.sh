@@ -23,7 +23,7 @@
 #   bench/continuous.sh                          # everything (about 30 minutes)
 #   ONLY=delta bench/continuous.sh               # one part: delta, impact, rpo, memory
 #   RPO_SECONDS=120 ONLY=rpo bench/continuous.sh
-#   ONLY=journal RPO_SECONDS=300 bench/continuous.sh
+#   ONLY=journal RPO_SECONDS=300 bench/continuous.sh   # or journal-impact, journal-rpo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_GIB=${SIZE_GIB:-8}
@@ -270,7 +270,7 @@ for cmd, args in (("qmp_capabilities", {}), (sys.argv[2], json.loads(sys.argv[3]
 PY
 }
 
-if [ "$ONLY" = all ] || [ "$ONLY" = journal ]; then
+if [ "$ONLY" = all ] || [ "$ONLY" = journal ] || [ "$ONLY" = journal-impact ]; then
   v=$work/journal; start_vm "$v" 4
   fill_half "$v" 4
   base=$(fio_iops "$(uri "$v")" "$FIO_SECONDS")
@@ -305,6 +305,8 @@ if [ "$ONLY" = all ] || [ "$ONLY" = journal ]; then
   unset TERN_DATA_DIR
   kill "${pids[-3]}" 2>/dev/null || true
   rm -rf "$v"
+fi
+if [ "$ONLY" = all ] || [ "$ONLY" = journal ] || [ "$ONLY" = journal-rpo ]; then
   rpo_run "$JOURNAL_FREQ" journal
   rpo_run "$JOURNAL_FREQ" qemu
 fi

@@ -321,6 +321,19 @@ pub fn stop_on_signals() -> &'static AtomicBool {
     &STOP
 }
 
+/// Undo [`lower_priority`] for the calling thread and the threads it starts (Linux
+/// priorities are per thread): the journal's sinks are on the guest's write path, and
+/// must not wait behind the guests' own CPU and disk use. Best effort: lowering a
+/// nice value needs privilege (an agent run as root, as for QMP, has it).
+pub(crate) fn guest_path_priority() {
+    // SAFETY: plain system calls on this thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+        // ioprio_set(IOPRIO_WHO_PROCESS, 0, IOPRIO_PRIO_VALUE(IOPRIO_CLASS_BE, 4)).
+        libc::syscall(libc::SYS_ioprio_set, 1, 0, (2 << 13) | 4);
+    }
+}
+
 /// Lower this process's CPU priority to `nice` (0 to 19) and its I/O priority to the
 /// best-effort class's lowest level, so that the guests on this host come first when
 /// the agent competes with them for CPU and disk. Best effort: a failure is ignored.

@@ -1112,7 +1112,7 @@ pub fn add_qemu_vm(engine: &Engine, spec: &QemuVmSpec) -> Result<VmDef> {
         None => {
             let dir = workdir(engine, &vm);
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-            let sock = dir.join("nbd.sock");
+            let sock = crate::paths::socket_path(&dir, "nbd.sock")?;
             if start_nbd(&mut qmp, &sock)? {
                 let _ = qmp.execute("nbd-server-stop", None);
             } else if spec.push.is_none() {

@@ -119,7 +119,7 @@ pub fn complete(engine: &Engine, name: &str) -> Result<Vec<String>> {
                 .collect(),
             granularity: 64 << 10,
             workdir: dir.clone(),
-            nbd: NbdEndpoint { socket: dir.join("nbd.sock") },
+            nbd: NbdEndpoint { socket: crate::paths::socket_path(&dir, "nbd.sock")? },
             test_stagger: None,
         };
         t.clean_leftovers(&mut qmp).map_err(qmp_err)?;

@@ -75,6 +75,50 @@ impl DataDir {
     }
 }
 
+/// Longest Unix socket path tern uses as is (`sun_path` holds 108 bytes with its NUL;
+/// the NBD server binds in a fresh folder beside the path first, which adds 12).
+const MAX_SOCKET_PATH: usize = 90;
+
+/// Where a Unix socket named `name` of the work folder `dir` lives: in `dir` when the
+/// path fits a socket address, else in a private short folder for it,
+/// `<temp>/tern-<uid>-<digest of dir>/` (created 0700; refused unless it is a folder
+/// of this user's that no one else can enter).
+pub fn socket_path(dir: &Path, name: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let p = dir.join(name);
+    if p.as_os_str().len() <= MAX_SOCKET_PATH {
+        return Ok(p);
+    }
+    let digest = blake3::hash(dir.as_os_str().as_encoded_bytes()).to_hex();
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let short = std::env::temp_dir().join(format!("tern-{uid}-{}", &digest[..16]));
+    match std::fs::DirBuilder::new().mode(0o700).create(&short) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io(format!("creating the socket folder {}", short.display()), e)),
+    }
+    let m = std::fs::symlink_metadata(&short)
+        .map_err(|e| Error::io(format!("socket folder {}", short.display()), e))?;
+    if !m.is_dir() || m.uid() != uid || m.permissions().mode() & 0o077 != 0 {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "socket folder {} is not a private folder of this user (mode 0700): remove it",
+                short.display()
+            ),
+        ));
+    }
+    let p = short.join(name);
+    if p.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(Error::invalid(format!(
+            "no socket path short enough for {} (set TMPDIR to a short folder)",
+            dir.join(name).display()
+        )));
+    }
+    Ok(p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

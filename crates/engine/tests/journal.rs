@@ -199,3 +199,31 @@ fn a_staggered_mark_is_caught() {
     println!("{caught} of {} staggered marks caught", points.len());
     assert!(caught > 0, "no staggered mark of {} was caught: the check cannot fail", points.len());
 }
+
+/// A data directory deep enough that its work folder cannot hold a Unix socket (108
+/// bytes with the NUL): the sink listens in a private short folder instead, and the
+/// journal works as anywhere else.
+#[test]
+fn a_deep_data_directory_still_gets_a_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep =
+        dir.path().join("a-rather-long-folder-name-for-a-data-directory/and-one-more-level-of-it/data");
+    let engine = tern_engine::Engine::open(&tern_engine::EngineOptions {
+        data_dir: Some(deep.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let vm = support::Qsd::start(&[("qcow2", "8M"), ("raw", "8M")]);
+    let spec = tern_engine::QemuVmSpec { journal: true, ..vm.spec("web") };
+    add_qemu_vm(&engine, &spec).unwrap();
+    let journals = Journals::new();
+    support::run_replicate(&engine, "web", &opts(&journals)).unwrap();
+    scribble(&vm, 9, 6);
+    let r = support::run_replicate(&engine, "web", &opts(&journals)).unwrap();
+    assert!(r.disks.iter().all(|d| d.snapshot == SnapshotKind::Journal), "{:?}", r.disks);
+    scribble(&vm, 10, 6);
+    let r = support::run_replicate(&engine, "web", &opts(&journals)).unwrap();
+    assert!(r.disks.iter().all(|d| d.snapshot == SnapshotKind::Journal), "{:?}", r.disks);
+    let h = support::Host::wrap(engine, dir);
+    assert_exact(&h, &vm, &r.point_id, 0);
+}

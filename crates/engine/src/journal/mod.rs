@@ -166,7 +166,7 @@ impl Journal {
             vm_id: crate::cycle::vm_id_bytes(&vm.id),
             sizes: sizes.to_vec(),
             dir: jdir,
-            socket: dir.join("journal.sock"),
+            socket: crate::paths::socket_path(dir, "journal.sock")?,
             budget: std::sync::atomic::AtomicU64::new(budget),
             generation: Mutex::new(None),
             state: Mutex::new(State::default()),
@@ -222,6 +222,8 @@ impl Journal {
         let thread = std::thread::Builder::new()
             .name("tern-journal".into())
             .spawn(move || {
+                // The sinks answer the guest's writes: not at the agent's low priority.
+                crate::agent::guest_path_priority();
                 let _ = server.serve();
             })
             .map_err(|e| Error::io("starting the journal's thread", e))?;

@@ -24,6 +24,8 @@ pub const RECORD_LEN: u64 = 32;
 /// Largest record: the largest write the sink accepts.
 pub const MAX_RECORD: u64 = 32 << 20;
 const SECTOR: u64 = 512;
+/// Writes up to this size are appended with their header in one system call.
+const SMALL: usize = 16 << 10;
 /// Largest record of the compiled change log.
 const LOG_PIECE: u64 = 4 << 20;
 
@@ -142,9 +144,23 @@ impl SegmentWriter {
             crc = crc32c::crc32c_append(crc, d);
         }
         r[24..28].copy_from_slice(&crc.to_le_bytes());
-        self.file.write_all_at(&r, self.len).map_err(|e| io_err(&self.path, "append", e))?;
-        if let Some(d) = data {
-            self.file.write_all_at(d, self.len + RECORD_LEN).map_err(|e| io_err(&self.path, "append", e))?;
+        match data {
+            // One system call for a small write (the common case: a guest's 4 KiB).
+            Some(d) if d.len() <= SMALL => {
+                let mut buf = [0u8; RECORD_LEN as usize + SMALL];
+                let n = RECORD_LEN as usize + d.len();
+                buf[..RECORD_LEN as usize].copy_from_slice(&r);
+                buf[RECORD_LEN as usize..n].copy_from_slice(d);
+                self.file.write_all_at(&buf[..n], self.len).map_err(|e| io_err(&self.path, "append", e))?;
+            }
+            _ => {
+                self.file.write_all_at(&r, self.len).map_err(|e| io_err(&self.path, "append", e))?;
+                if let Some(d) = data {
+                    self.file
+                        .write_all_at(d, self.len + RECORD_LEN)
+                        .map_err(|e| io_err(&self.path, "append", e))?;
+                }
+            }
         }
         self.len += RECORD_LEN + data.map_or(0, |d| d.len() as u64);
         Ok(())

@@ -122,7 +122,10 @@ impl QemuSource {
     ) -> Result<QemuSource> {
         let q = vm.qemu.as_ref().ok_or_else(|| Error::invalid(format!("VM {} is not in a QEMU", vm.name)))?;
         let mut qmp = Qmp::connect(&q.qmp, QMP_TIMEOUT).map_err(qmp_err)?;
-        let socket = q.nbd.clone().unwrap_or_else(|| dir.join("nbd.sock"));
+        let socket = match &q.nbd {
+            Some(s) => s.clone(),
+            None => crate::paths::socket_path(dir, "nbd.sock")?,
+        };
         let current = current_nodes(&mut qmp, q, &vm.name)?;
         let nodes = qmp.execute("query-named-block-nodes", Some(json!({ "flat": true }))).map_err(qmp_err)?;
         let mut disks = Vec::new();

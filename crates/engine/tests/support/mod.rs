@@ -22,6 +22,14 @@ pub struct Host {
     pub engine: Engine,
 }
 
+impl Host {
+    /// A host of an engine opened on a data directory inside `dir`.
+    pub fn wrap(engine: Engine, dir: tempfile::TempDir) -> Host {
+        let root = dir.path().to_path_buf();
+        Host { _dir: dir, root, engine }
+    }
+}
+
 pub fn host() -> Host {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
