@@ -23,6 +23,9 @@ use segment::{SegmentHeader, SegmentWriter};
 
 use crate::{Error, ErrorKind, Result, VmDef};
 
+/// Request threads per sink connection.
+const THREADS_PER_SINK: usize = 1;
+
 /// The running journals of this process, by VM id: kept by the agent across passes.
 #[derive(Default)]
 pub struct Journals {
@@ -216,6 +219,11 @@ impl Journal {
         let mut options = tern_nbd::ServerOptions::new(exports);
         // One connection per disk, from QEMU; a few more for tools that look.
         options.max_connections = self.sizes.len() + 4;
+        // A sink's request is a local append of microseconds: one thread per
+        // connection answers them in turn with no hand-off between threads, which
+        // on a busy host cost the guest more than the append itself (measured:
+        // docs/BENCHMARKS.md, "The journal").
+        options.threads_per_connection = THREADS_PER_SINK;
         let server = tern_nbd::Server::bind(&tern_nbd::Listen::Unix(self.socket.clone()), options)
             .map_err(|e| Error::new(ErrorKind::Io, format!("starting the journal's sink: {e}")))?;
         let stop = server.stop_handle();

@@ -24,8 +24,6 @@ pub const RECORD_LEN: u64 = 32;
 /// Largest record: the largest write the sink accepts.
 pub const MAX_RECORD: u64 = 32 << 20;
 const SECTOR: u64 = 512;
-/// Writes up to this size are appended with their header in one system call.
-const SMALL: usize = 16 << 10;
 /// Largest record of the compiled change log.
 const LOG_PIECE: u64 = 4 << 20;
 
@@ -145,24 +143,39 @@ impl SegmentWriter {
         }
         r[24..28].copy_from_slice(&crc.to_le_bytes());
         match data {
-            // One system call for a small write (the common case: a guest's 4 KiB).
-            Some(d) if d.len() <= SMALL => {
-                let mut buf = [0u8; RECORD_LEN as usize + SMALL];
-                let n = RECORD_LEN as usize + d.len();
-                buf[..RECORD_LEN as usize].copy_from_slice(&r);
-                buf[RECORD_LEN as usize..n].copy_from_slice(d);
-                self.file.write_all_at(&buf[..n], self.len).map_err(|e| io_err(&self.path, "append", e))?;
-            }
-            _ => {
-                self.file.write_all_at(&r, self.len).map_err(|e| io_err(&self.path, "append", e))?;
-                if let Some(d) = data {
-                    self.file
-                        .write_all_at(d, self.len + RECORD_LEN)
-                        .map_err(|e| io_err(&self.path, "append", e))?;
-                }
-            }
+            Some(d) => self.write_two(&r, d)?,
+            None => self.file.write_all_at(&r, self.len).map_err(|e| io_err(&self.path, "append", e))?,
         }
         self.len += RECORD_LEN + data.map_or(0, |d| d.len() as u64);
+        Ok(())
+    }
+
+    /// Write a record header and its data at the end in one system call (`pwritev`),
+    /// finishing with positioned writes if it comes up short.
+    fn write_two(&self, header: &[u8], data: &[u8]) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let iov = [
+            libc::iovec { iov_base: header.as_ptr() as *mut libc::c_void, iov_len: header.len() },
+            libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() },
+        ];
+        // SAFETY: both iovecs point into live slices of the lengths given, only read.
+        let n = unsafe { libc::pwritev(self.file.as_raw_fd(), iov.as_ptr(), 2, self.len as libc::off_t) };
+        if n < 0 {
+            return Err(io_err(&self.path, "append", std::io::Error::last_os_error()));
+        }
+        let n = n as usize;
+        let (h, d) = (header.len(), data.len());
+        if n < h {
+            self.file
+                .write_all_at(&header[n..], self.len + n as u64)
+                .map_err(|e| io_err(&self.path, "append", e))?;
+        }
+        if n < h + d {
+            let from = n.saturating_sub(h);
+            self.file
+                .write_all_at(&data[from..], self.len + (h + from) as u64)
+                .map_err(|e| io_err(&self.path, "append", e))?;
+        }
         Ok(())
     }
 
