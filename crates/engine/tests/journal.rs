@@ -227,3 +227,36 @@ fn a_deep_data_directory_still_gets_a_journal() {
     let h = support::Host::wrap(engine, dir);
     assert_exact(&h, &vm, &r.point_id, 0);
 }
+
+/// Over the log budget: the sink refuses the write that would pass it (the mirror
+/// ends, the guest's write succeeds), the resync that follows finds more to read
+/// than the budget and stages nothing (a backlog, as for bitmap cycles); with the
+/// budget raised, the next point is exact.
+#[test]
+fn over_the_log_budget_the_journal_backs_off_and_catches_up() {
+    let h = support::host();
+    let vm = support::Qsd::start(&[("qcow2", "8M"), ("raw", "8M")]);
+    journal_vm(&h, &vm);
+    let change = |b: u64| tern_engine::SettingsChange {
+        frequency: None,
+        retention_age: None,
+        retention_count: None,
+        log_budget: Some(b),
+    };
+    tern_engine::enable(&h.engine, "web", &change(1 << 20)).unwrap();
+    let journals = Journals::new();
+    let o = opts(&journals);
+    support::run_replicate(&h.engine, "web", &o).unwrap();
+    support::run_replicate(&h.engine, "web", &o).unwrap();
+    // 2 MiB through the journal: past its 1 MiB budget.
+    vm.guest_random("disk0", 0, 2 << 20, 41);
+    let e = support::run_replicate(&h.engine, "web", &o).unwrap_err();
+    assert!(e.to_string().contains("budget"), "{e}");
+    tern_engine::enable(&h.engine, "web", &change(64 << 20)).unwrap();
+    let r = support::run_replicate(&h.engine, "web", &o).unwrap();
+    assert_exact(&h, &vm, &r.point_id, 0);
+    scribble(&vm, 42, 4);
+    let r = support::run_replicate(&h.engine, "web", &o).unwrap();
+    assert_exact(&h, &vm, &r.point_id, 1);
+    assert!(r.disks.iter().all(|d| d.snapshot == SnapshotKind::Journal));
+}

@@ -239,6 +239,11 @@ impl Journal {
         Ok(())
     }
 
+    /// The budget of one disk's open segment (and of a resync's reads).
+    pub(crate) fn budget(&self) -> u64 {
+        self.budget.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Set the budget of an open segment (now, and for later generations).
     pub(crate) fn set_budget(&self, budget: u64) {
         self.budget.store(budget, std::sync::atomic::Ordering::Relaxed);

@@ -279,6 +279,18 @@ impl JournalSource {
                 )
                 .map_err(nbd_err)?;
                 let extents = c.extents(&ctx, 0, c.size()).map_err(nbd_err)?;
+                let dirty: u64 = extents
+                    .iter()
+                    .filter(|e| e.flags & tern_disk::nbd::STATE_DIRTY != 0)
+                    .map(|e| e.length)
+                    .sum();
+                let budget = self.journal.budget();
+                if dirty > budget {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!("disk {i}: {dirty} changed bytes to resync are over the log budget of {budget} bytes"),
+                    ));
+                }
                 let mut buf = Vec::new();
                 let mut n = 0u64;
                 for e in extents.iter().filter(|e| e.flags & tern_disk::nbd::STATE_DIRTY != 0) {
