@@ -24,6 +24,7 @@
 #   ONLY=delta bench/continuous.sh               # one part: delta, impact, rpo, memory
 #   RPO_SECONDS=120 ONLY=rpo bench/continuous.sh
 #   ONLY=journal RPO_SECONDS=300 bench/continuous.sh   # or journal-impact, journal-rpo
+#   MODE=push ONLY=impact bench/continuous.sh          # bitmap cycles in push mode
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_GIB=${SIZE_GIB:-8}
@@ -34,6 +35,9 @@ RPO_SECONDS=${RPO_SECONDS:-600}
 RPO_FREQS=${RPO_FREQS:-"30s 5s"}
 BIG_GIB=${BIG_GIB:-64}
 JOURNAL_FREQ=${JOURNAL_FREQ:-5s}
+# How bitmap cycles leave QEMU in the impact and rpo parts: pull (tern reads NBD
+# exports on the daemon's server) or push (QEMU copies each cut into local files).
+MODE=${MODE:-pull}
 ONLY=${ONLY:-all}
 work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/tern-cbench.XXXXXX")}
 pids=()
@@ -85,6 +89,11 @@ start_vm() {
   echo "bench: qemu-storage-daemon did not start" >&2; exit 1
 }
 uri() { echo "nbd+unix:///disk0?socket=$1/nbd.sock"; }
+# `vm add` arguments for folder $1's daemon: its NBD server (pull), or push mode
+# (bitmap cycles only: the journal always pulls).
+cut_args() {
+  if [ "$MODE" = push ] && [ "${2:-qemu}" != journal ]; then echo "--mode push"; else echo "--nbd $1/nbd.sock"; fi
+}
 
 # Write $3 random 64 KiB blocks at random 64 KiB-aligned offsets of a $2 GiB disk
 # exported at folder $1 (one qemu-io, each block its own random data).
@@ -176,7 +185,7 @@ if [ "$ONLY" = all ] || [ "$ONLY" = impact ]; then
   v=$work/impact; start_vm "$v" 4
   fill_half "$v" 4
   export TERN_DATA_DIR=$v/tern
-  "$tern" vm add web --qmp "$v/qmp.sock" --nbd "$v/nbd.sock" >/dev/null
+  "$tern" vm add web --qmp "$v/qmp.sock" $(cut_args "$v") >/dev/null
   "$tern" replicate web --no-progress >/dev/null
   base=$(fio_iops "$(uri "$v")" "$FIO_SECONDS")
   "$tern" agent --frequency "$IMPACT_FREQ" >"$v/agent.log" 2>&1 &
@@ -191,7 +200,7 @@ if [ "$ONLY" = all ] || [ "$ONLY" = impact ]; then
   echo "| | IOPS |"
   echo "|---|---|"
   echo "| without tern | $base |"
-  echo "| tern agent cycling every $IMPACT_FREQ ($cycles cycles) | $with |"
+  echo "| tern agent cycling every $IMPACT_FREQ, $MODE mode ($cycles cycles) | $with |"
   echo "ratio with/without: $(printf %.2f "$(echo "$with / $base" | bc -l)")"
   unset TERN_DATA_DIR
   kill "${pids[-2]}" 2>/dev/null || true
@@ -204,7 +213,7 @@ rpo_run() {
   local freq=$1 tracking=$2 v
   v=$work/rpo-$tracking-$freq; start_vm "$v" 4
   export TERN_DATA_DIR=$v/tern
-  "$tern" vm add web --qmp "$v/qmp.sock" --nbd "$v/nbd.sock" --tracking "$tracking" >/dev/null
+  "$tern" vm add web --qmp "$v/qmp.sock" $(cut_args "$v" "$tracking") --tracking "$tracking" >/dev/null
   "$tern" agent --frequency "$freq" >"$v/agent.log" 2>&1 &
   agent=$!; pids+=($agent)
   sleep 1
@@ -230,7 +239,8 @@ PY
   points=$(grep -c "point" "$v/agent.log" || true)
   compactions=$(grep -c "compacted point" "$v/agent.log" || true)
   echo
-  echo "## Achieved RPO, --tracking $tracking at --frequency $freq: ${RPO_SECONDS} s of 5 MB/s churn, unlimited bandwidth"
+  local how=$tracking; [ "$tracking" = qemu ] && how="qemu ($MODE mode)"
+  echo "## Achieved RPO, --tracking $how at --frequency $freq: ${RPO_SECONDS} s of 5 MB/s churn, unlimited bandwidth"
   echo "newest point's age: $stats; $points points, $compactions compactions beside the cycles"
   unset TERN_DATA_DIR
   kill "${pids[-2]}" 2>/dev/null || true
