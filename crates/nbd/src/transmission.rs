@@ -361,14 +361,20 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Payload bytes in flight on one connection, bounded.
 pub struct Budget {
-    free: Mutex<u64>,
+    free: Mutex<Free>,
     freed: Condvar,
     total: u64,
 }
 
+/// The bytes free, and how many threads wait for some.
+struct Free {
+    bytes: u64,
+    waiters: usize,
+}
+
 impl Budget {
     pub(crate) fn new(total: u64) -> Self {
-        Budget { free: Mutex::new(total), freed: Condvar::new(), total }
+        Budget { free: Mutex::new(Free { bytes: total, waiters: 0 }), freed: Condvar::new(), total }
     }
 
     /// Take `n` bytes (at most the whole budget, so that one request always fits),
@@ -376,10 +382,12 @@ impl Budget {
     fn take(&self, n: u64) -> u64 {
         let n = n.min(self.total);
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        while *free < n {
+        while free.bytes < n {
+            free.waiters += 1;
             free = self.freed.wait(free).unwrap_or_else(|e| e.into_inner());
+            free.waiters -= 1;
         }
-        *free -= n;
+        free.bytes -= n;
         n
     }
 
@@ -387,8 +395,16 @@ impl Budget {
         if n == 0 {
             return;
         }
-        *self.free.lock().unwrap_or_else(|e| e.into_inner()) += n;
-        self.freed.notify_all();
+        let waiters = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            free.bytes += n;
+            free.waiters
+        };
+        // A wake-up is a system call: only when someone waits (the common case at
+        // queue depths whose payloads fit the budget is that no one does).
+        if waiters > 0 {
+            self.freed.notify_all();
+        }
     }
 }
 
@@ -515,7 +531,8 @@ fn worker(sh: &Arc<Shared>) {
         // Otherwise (queue depth 1, small requests) keep the read side and serve this
         // one first: a hand-off between threads would cost more than the request.
         let slow = job.req.length > INLINE_MAX || job.req.kind == CMD_FLUSH;
-        if slow || !r.buffer().is_empty() || (sh.pending)() {
+        // (One request thread: it keeps the read side; nothing to ask the socket.)
+        if sh.max_threads > 1 && (slow || !r.buffer().is_empty() || (sh.pending)()) {
             drop(r);
             grow(sh);
         } else {
