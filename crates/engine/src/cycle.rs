@@ -71,7 +71,8 @@ pub(crate) fn workdir(engine: &Engine, vm: &VmDef) -> PathBuf {
 }
 
 /// Bytes of change logs VM `vm` has on this host now (staged by a cycle in progress,
-/// or left by one that was killed and not yet cleaned).
+/// or left by one that was killed and not yet cleaned), and of its journal's segments
+/// (`--tracking journal`: what the agent received since the last mark).
 pub fn log_bytes(engine: &Engine, vm: &VmDef) -> u64 {
     fn walk(dir: &Path) -> u64 {
         let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
@@ -83,7 +84,8 @@ pub fn log_bytes(engine: &Engine, vm: &VmDef) -> u64 {
             })
             .sum()
     }
-    walk(&workdir(engine, vm).join("logs"))
+    let dir = workdir(engine, vm);
+    walk(&dir.join("logs")) + walk(&dir.join("journal"))
 }
 
 /// What this pass does.
