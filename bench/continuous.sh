@@ -181,6 +181,19 @@ fio_iops() {
     python3 -c 'import json,sys; t=sys.stdin.read(); print(int(json.loads(t[t.index("{"):])["jobs"][0]["write"]["iops"]))'
 }
 
+# The same fio run: "IOPS | p99.9 completion latency | max latency" (a mark that held
+# the guest's writes shows in the tail).
+fio_iops_lat() {
+  fio --name=g --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=4 --size=2G \
+    --time_based --runtime="$2" --randrepeat=0 --output-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+t = sys.stdin.read(); w = json.loads(t[t.index("{"):])["jobs"][0]["write"]; c = w["clat_ns"]
+p = c.get("percentile", {}).get("99.900000", 0) / 1e6
+n = int(w["iops"]); m = c["max"] / 1e6
+print(f"{n} | {p:.2f} ms | {m:.1f} ms")'
+}
+
 if [ "$ONLY" = all ] || [ "$ONLY" = impact ]; then
   v=$work/impact; start_vm "$v" 4
   fill_half "$v" 4
@@ -283,14 +296,14 @@ PY
 if [ "$ONLY" = all ] || [ "$ONLY" = journal ] || [ "$ONLY" = journal-impact ]; then
   v=$work/journal; start_vm "$v" 4
   fill_half "$v" 4
-  base=$(fio_iops "$(uri "$v")" "$FIO_SECONDS")
+  base=$(fio_iops_lat "$(uri "$v")" "$FIO_SECONDS")
   # The same write-blocking mirror into a sink that does nothing: nbdkit's null plugin.
   nbdkit --unix "$v/null.sock" --exit-with-parent null size=4G &
   pids+=($!); null=$!
   for _ in $(seq 100); do [ -S "$v/null.sock" ] && break; sleep 0.05; done
   qmp "$v" blockdev-add "{\"driver\": \"nbd\", \"node-name\": \"nul\", \"server\": {\"type\": \"unix\", \"path\": \"$v/null.sock\"}, \"export\": \"\"}"
   qmp "$v" blockdev-mirror '{"job-id": "nul", "device": "disk0", "target": "nul", "sync": "none", "copy-mode": "write-blocking"}'
-  nul=$(fio_iops "$(uri "$v")" "$FIO_SECONDS")
+  nul=$(fio_iops_lat "$(uri "$v")" "$FIO_SECONDS")
   qmp "$v" block-job-cancel '{"device": "nul", "force": true}'
   sleep 1
   qmp "$v" blockdev-del '{"node-name": "nul"}'
@@ -302,16 +315,17 @@ if [ "$ONLY" = all ] || [ "$ONLY" = journal ] || [ "$ONLY" = journal-impact ]; t
   pids+=($!); agent=$!
   sleep 1
   "$tern" replicate web --frequency "$JOURNAL_FREQ" >/dev/null 2>&1
-  with=$(fio_iops "$(uri "$v")" "$FIO_SECONDS")
+  with=$(fio_iops_lat "$(uri "$v")" "$FIO_SECONDS")
   kill -TERM "$agent"; wait "$agent" 2>/dev/null || true
   points=$(grep -c "point" "$v/agent.log" || true)
+  iops() { echo "${1%% |*}"; }
   echo
   echo "## Guest impact of the journal: fio 4 KiB random writes, iodepth 4, ${FIO_SECONDS} s"
-  echo "| | IOPS | ratio |"
-  echo "|---|---|---|"
+  echo "| | IOPS | p99.9 latency | max latency | ratio |"
+  echo "|---|---|---|---|---|"
   echo "| no mirror | $base | 1.00 |"
-  echo "| write-blocking mirror into nbdkit null | $nul | $(printf %.2f "$(echo "$nul / $base" | bc -l)") |"
-  echo "| write-blocking mirror into tern's journal, a point every $JOURNAL_FREQ ($points points) | $with | $(printf %.2f "$(echo "$with / $base" | bc -l)") |"
+  echo "| write-blocking mirror into nbdkit null | $nul | $(printf %.2f "$(echo "$(iops "$nul") / $(iops "$base")" | bc -l)") |"
+  echo "| write-blocking mirror into tern's journal, a point every $JOURNAL_FREQ ($points points) | $with | $(printf %.2f "$(echo "$(iops "$with") / $(iops "$base")" | bc -l)") |"
   unset TERN_DATA_DIR
   kill "${pids[-3]}" 2>/dev/null || true
   rm -rf "$v"
