@@ -15,30 +15,10 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tern_engine::{add_qemu_vm, migrate, MigrateFormat, MigrateOptions, PointSelector, ReplicateOptions};
+use tern_engine::{add_qemu_vm, ReplicateOptions};
 
 const STEPS: support::steps::Steps = support::steps::Steps { size: 8 << 20, last: 250, aligned: false };
 const LAST: u64 = STEPS.last;
-
-fn migrate_raw(h: &support::Host, point: &str, i: usize) -> Vec<Vec<u8>> {
-    let out = h.root.join(format!("p{i}"));
-    let r = migrate(
-        &h.engine,
-        "web",
-        &MigrateOptions {
-            point: PointSelector::Id(point.into()),
-            format: MigrateFormat::Raw,
-            out_dir: out,
-            test: false,
-            threads: 2,
-            sync: false,
-            verify: false,
-        },
-        &|_| {},
-    )
-    .unwrap();
-    r.disks.iter().map(|d| std::fs::read(&d.path).unwrap()).collect()
-}
 
 #[test]
 fn every_point_is_both_disks_at_one_instant_and_a_staggered_cut_is_caught() {
@@ -73,7 +53,7 @@ fn every_point_is_both_disks_at_one_instant_and_a_staggered_cut_is_caught() {
     assert!(points.len() >= 6, "only {} points during the writes", points.len());
     let mut moving = 0;
     for (i, (p, _)) in points.iter().enumerate() {
-        let disks = migrate_raw(&h, p, i);
+        let disks = support::migrate_raw(&h, p, i);
         let (ok, states) = STEPS.consistent(&disks);
         assert!(ok, "point {i} ({p}) is not one instant: {states}");
         if u64::from(disks[0][STEPS.counter()]) < LAST {
@@ -84,7 +64,7 @@ fn every_point_is_both_disks_at_one_instant_and_a_staggered_cut_is_caught() {
     let caught = staggered
         .iter()
         .enumerate()
-        .filter(|(i, p)| !STEPS.consistent(&migrate_raw(&h, p, 100 + i)).0)
+        .filter(|(i, p)| !STEPS.consistent(&support::migrate_raw(&h, p, 100 + i)).0)
         .count();
     println!(
         "{} points during the writes, all consistent; {caught} of {} staggered cuts caught",
@@ -94,7 +74,7 @@ fn every_point_is_both_disks_at_one_instant_and_a_staggered_cut_is_caught() {
     assert!(caught > 0, "no staggered cut of {} was caught: the check cannot fail", staggered.len());
     // Quiet: the next point is the model's end state.
     let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
-    let disks = migrate_raw(&h, &r.point_id, 999);
+    let disks = support::migrate_raw(&h, &r.point_id, 999);
     assert!(
         disks[0] == STEPS.model(0, LAST, true) && disks[1] == STEPS.model(1, LAST, true),
         "the last point is not the end state"
@@ -161,7 +141,7 @@ fn fio_and_nbdcopy_as_the_guest_through_cycles() {
     });
     assert!(points.len() >= 2, "only {} cycles while fio ran", points.len());
     let r = support::run_replicate(&h.engine, "web", &opts).unwrap();
-    let disks = migrate_raw(&h, &r.point_id, 500);
+    let disks = support::migrate_raw(&h, &r.point_id, 500);
     let sha = |b: &[u8]| {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(b))

@@ -13,31 +13,9 @@ use std::time::Duration;
 
 use tern_engine::journal::Journals;
 use tern_engine::snapshot::SnapshotKind;
-use tern_engine::{add_qemu_vm, migrate, MigrateFormat, MigrateOptions, PointSelector, ReplicateOptions};
+use tern_engine::{add_qemu_vm, ReplicateOptions};
 
 const STEPS: support::steps::Steps = support::steps::Steps { size: 8 << 20, last: 200, aligned: true };
-
-fn migrate_raw(h: &support::Host, point: &str, i: usize) -> Vec<Vec<u8>> {
-    let out = h.root.join(format!("p{i}"));
-    let r = migrate(
-        &h.engine,
-        "web",
-        &MigrateOptions {
-            point: PointSelector::Id(point.into()),
-            format: MigrateFormat::Raw,
-            out_dir: out.clone(),
-            test: false,
-            threads: 2,
-            sync: false,
-            verify: false,
-        },
-        &|_| {},
-    )
-    .unwrap();
-    let disks = r.disks.iter().map(|d| std::fs::read(&d.path).unwrap()).collect();
-    std::fs::remove_dir_all(out).unwrap();
-    disks
-}
 
 fn sha(b: &[u8]) -> String {
     use sha2::Digest;
@@ -66,7 +44,7 @@ fn jobs(vm: &support::Qsd) -> Vec<String> {
 }
 
 fn assert_exact(h: &support::Host, vm: &support::Qsd, point: &str, i: usize) {
-    let disks = migrate_raw(h, point, i);
+    let disks = support::migrate_raw(h, point, i);
     assert_eq!(sha(&disks[0]), vm.guest_sha256("disk0"), "point {point}: disk 0 differs from the guest");
     assert_eq!(sha(&disks[1]), vm.guest_sha256("disk1"), "point {point}: disk 1 differs from the guest");
 }
@@ -102,7 +80,7 @@ fn journal_points_are_both_disks_at_one_instant_and_need_no_view() {
     assert!(names.iter().all(|n| n.starts_with("tern-jnl-")) && names.len() == 2, "jobs: {names:?}");
     let mut moving = 0;
     for (i, r) in points.iter().enumerate() {
-        let disks = migrate_raw(&h, &r.point_id, i);
+        let disks = support::migrate_raw(&h, &r.point_id, i);
         let (ok, states) = STEPS.consistent(&disks);
         assert!(ok, "point {i} ({}) is not one instant: {states}", r.point_id);
         if u64::from(disks[0][STEPS.counter()]) < STEPS.last {
@@ -112,7 +90,7 @@ fn journal_points_are_both_disks_at_one_instant_and_need_no_view() {
     assert!(moving >= 6, "the points must fall inside the writes ({moving} did)");
     // Quiet: the next point is the model's end state, and the guest's disks.
     let r = support::run_replicate(&h.engine, "web", &o).unwrap();
-    let disks = migrate_raw(&h, &r.point_id, 999);
+    let disks = support::migrate_raw(&h, &r.point_id, 999);
     assert!(disks[0] == STEPS.model(0, STEPS.last, true) && disks[1] == STEPS.model(1, STEPS.last, true));
     assert_exact(&h, &vm, &r.point_id, 1000);
     println!("{} journal points during the writes, all one instant", points.len());
@@ -194,8 +172,11 @@ fn a_staggered_mark_is_caught() {
         w.join().unwrap();
         points
     });
-    let caught =
-        points.iter().enumerate().filter(|(i, p)| !STEPS.consistent(&migrate_raw(&h, p, *i)).0).count();
+    let caught = points
+        .iter()
+        .enumerate()
+        .filter(|(i, p)| !STEPS.consistent(&support::migrate_raw(&h, p, *i)).0)
+        .count();
     println!("{caught} of {} staggered marks caught", points.len());
     assert!(caught > 0, "no staggered mark of {} was caught: the check cannot fail", points.len());
 }

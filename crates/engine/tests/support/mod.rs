@@ -58,6 +58,30 @@ pub fn add_vm_firmware(engine: &Engine, name: &str, disks: &[PathBuf], firmware:
         .unwrap();
 }
 
+/// VM "web"'s point `point` migrated to raw images in `<root>/p<i>`, read back, and
+/// the folder removed: the disks' bytes.
+pub fn migrate_raw(h: &Host, point: &str, i: usize) -> Vec<Vec<u8>> {
+    let out = h.root.join(format!("p{i}"));
+    let r = migrate(
+        &h.engine,
+        "web",
+        &MigrateOptions {
+            point: PointSelector::Id(point.into()),
+            format: MigrateFormat::Raw,
+            out_dir: out.clone(),
+            test: false,
+            threads: 2,
+            sync: false,
+            verify: false,
+        },
+        &|_| {},
+    )
+    .unwrap();
+    let disks = r.disks.iter().map(|d| std::fs::read(&d.path).unwrap()).collect();
+    std::fs::remove_dir_all(out).unwrap();
+    disks
+}
+
 pub fn run_replicate(
     engine: &Engine,
     name: &str,
