@@ -182,7 +182,10 @@ fn agent_loop<'scope, 'env>(
     let mut passes = 0u64;
     let mut last_gc = Instant::now();
     while !opts.stop.load(Ordering::Relaxed) {
-        if last_gc.elapsed() >= opts.gc_interval {
+        // A collection waits for every writer's lease: not while a compaction runs
+        // beside the cycles (this loop, and so the cycles, would wait with it).
+        let compacting = compaction.as_ref().is_some_and(|(_, t)| !t.is_finished());
+        if last_gc.elapsed() >= opts.gc_interval && !compacting {
             last_gc = Instant::now();
             let retention = engine.db().vm_list()?.iter().try_fold(false, |any, vm| {
                 let s = engine.db().settings(&vm.id)?;
