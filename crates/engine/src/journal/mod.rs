@@ -257,11 +257,6 @@ impl Journal {
         &self.socket
     }
 
-    /// The journal's folder.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Why the journal is incomplete, if it is.
     pub fn broken(&self) -> Option<String> {
         match self.shared() {
@@ -272,11 +267,6 @@ impl Journal {
 
     pub(crate) fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Bytes in the open segments.
-    pub fn open_bytes(&self) -> u64 {
-        self.shared().map_or(0, |s| s.lock().writers.iter().map(|w| w.len()).sum())
     }
 
     /// The mark of cut `seq`: close every disk's segment at one instant (under the
